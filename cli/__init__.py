@@ -1,0 +1,1 @@
+"""The geocmid command line: parse options, call the library, report. Installed as geocmid_cli."""
