@@ -12,7 +12,17 @@ class InputError(ValueError):
     ``scene.tif: raster has no CRS``.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | None, problem: str) -> None:
+    def __init__(self, source: str | os.PathLike[str] | None, problem: str | None = None) -> None:
+        if problem is None:
+            # One argument: a whole message, as torch's DataLoader re-raises a worker's error
+            # with `exc_type(message)`; keep its last line, which is the original message.
+            lines = str(source).strip().splitlines() or ['']
+            source, problem = None, lines[-1].removeprefix(f'{__name__}.InputError: ')
         self.source = None if source is None else os.fspath(source)
         self.problem = problem
         super().__init__(problem if self.source is None else f'{self.source}: {problem}')
+
+    def __reduce__(self) -> tuple[type[InputError], tuple[str | None, str]]:
+        # DataLoader workers pickle exceptions back to the main process; without this the
+        # two-argument constructor cannot be rebuilt and the error would surface as exit 1.
+        return (type(self), (self.source, self.problem))
