@@ -23,9 +23,11 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so that `geocmid --help` stays importable even while one command is broken.
+    from .import_weights import import_weights_command
     from .info import info
 
     cli.add_command(info)
+    cli.add_command(import_weights_command)
 
 
 _register()
