@@ -1,0 +1,81 @@
+"""`geocmid pretrain`: self-supervised pretraining of an encoder on rasters or image chips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _parse_bands(value: str | None) -> list[int | str] | None:
+    """``'1,2,3'`` -> ``[1, 2, 3]``; band names stay strings (``'red,nir'``)."""
+    if value is None:
+        return None
+    items = [item.strip() for item in value.split(',') if item.strip()]
+    return [int(item) if item.isdigit() else item for item in items]
+
+
+@click.command()
+@click.option('--rasters', type=click.Path(path_type=Path), help='Folder (or file) of GeoTIFFs.')
+@click.option(
+    '--images', type=click.Path(path_type=Path), help='Folder of image chips, instead of --rasters.'
+)
+@click.option(
+    '--natural-images',
+    type=click.Path(path_type=Path),
+    help='GeRSP: folder of natural images, one sub-folder per class.',
+)
+@click.option('-o', '--output', type=click.Path(path_type=Path), help='Run folder to write.')
+@click.option('--method', help="Pretraining method: 'cmid' (default) or 'gersp'.")
+@click.option('--backbone', help="timm encoder, e.g. 'resnet50' (default) or a Swin.")
+@click.option('--bands', help="Bands to use: 1-based indices or names, comma-separated ('1,2,3').")
+@click.option('--patch-size', type=int, help='Patch and crop side in pixels (default 224).')
+@click.option('--batch-size', type=int, help='Patches per device per step (default 64).')
+@click.option('--epochs', type=int, help='Training epochs (default 200 unless --max-steps).')
+@click.option('--max-steps', type=int, help='Optimiser steps; stops at the first limit reached.')
+@click.option('--samples-per-epoch', type=int, help='Patches per epoch over all devices.')
+@click.option('--devices', type=int, help='Number of devices; more than one trains with DDP.')
+@click.option('--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'.")
+@click.option(
+    '--precision', type=click.Choice(['32', 'bf16-mixed', '16-mixed']), help="Default '32'."
+)
+@click.option('--workers', type=int, help='Data-loading processes per device (default 4).')
+@click.option('--seed', type=int, help='Random seed (default 322).')
+@click.option(
+    '--config',
+    'config_file',
+    type=click.Path(path_type=Path),
+    help='YAML file with any of these settings (command-line options win) and a task: section.',
+)
+@click.option(
+    '--resume',
+    is_flag=True,
+    help='Continue from RUN_DIR/checkpoints/last.ckpt; --config RUN_DIR/config.yaml repeats '
+    "the run's settings.",
+)
+@click.option('--overwrite', is_flag=True, help='Replace the outputs of an existing run folder.')
+@click.option('--quiet', is_flag=True, help='No progress bar.')
+def pretrain(
+    config_file: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    bands: str | None,
+    **options: object,
+) -> None:
+    """Pretrain an encoder (CMID, GeRSP) on --rasters DIR or --images DIR, writing -o RUN_DIR.
+
+    GeRSP (--method gersp) also learns from labelled --natural-images DIR.
+
+    RUN_DIR receives checkpoints/last.ckpt, logs/, encoder.pt (a plain timm state dict of the
+    student encoder) and model_card.json (bands, normalisation, patch size, data, settings).
+    """
+    from geocmid.pretraining import load_pretrain_config, run_pretraining
+
+    config = load_pretrain_config(config_file, bands=_parse_bands(bands), **options)
+    result = run_pretraining(config, resume=resume, overwrite=overwrite, progress=not quiet)
+    losses = ', '.join(f'{key} {value:.4f}' for key, value in sorted(result.metrics.items()))
+    click.echo(f'step {result.global_step}: {losses}')
+    click.echo(f'encoder: {result.encoder}')
+    click.echo(f'model card: {result.model_card}')
+    click.echo(f'checkpoint: {result.checkpoint}')

@@ -1,0 +1,462 @@
+"""Supervised fine-tuning runs: settings, run folder, Lightning trainer, exported model and card.
+
+A run folder holds everything one fine-tuning run produces::
+
+    RUN_DIR/config.yaml          the resolved settings (defaults < YAML < command line)
+    RUN_DIR/logs/version_N/      CSV logs: losses, mIoU and per-class IoU per epoch
+    RUN_DIR/model.ckpt           the trained model (Lightning checkpoint, weights only)
+    RUN_DIR/model_card.json      bands, normalisation, classes and colours, tile size,
+                                 resolution, encoder provenance
+
+The run folder machinery (:func:`prepare_run_dir`, :func:`build_trainer`, :func:`export_run`)
+is shared by every fine-tuning task; :func:`train_segmentation` and
+:func:`load_segmentation_model` are what segmentation adds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning
+import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from pyproj import CRS
+from torch import nn
+
+from .config import to_plain
+from .data.segmentation_datamodule import SegmentationDataModule
+from .errors import InputError
+from .io.atomic import atomic_output
+from .io.cards import ClassInfo, ModelCard, read_card, write_card
+from .io.cog import default_classes
+from .models.weights import ENCODER_NAME, load_encoder, sha256_file
+from .tasks.segmentation import Segmentation
+
+#: Name of the trained model inside a run folder.
+MODEL_NAME = 'model.ckpt'
+
+#: Epochs trained when neither ``epochs`` nor ``max_steps`` is set.
+DEFAULT_EPOCHS = 20
+
+#: What a run writes into its folder; ``--overwrite`` removes exactly these, nothing else.
+RUN_OUTPUTS = ('config.yaml', 'logs', MODEL_NAME, 'model_card.json')
+
+Precision = Literal['32', 'bf16-mixed', '16-mixed']
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Every setting of a segmentation fine-tuning run; each can come from YAML or the CLI.
+
+    Attributes:
+        rasters: A raster or a folder of rasters.
+        labels: Vector labels (GeoPackage, GeoJSON, Shapefile...) or label raster(s).
+        output: The run folder.
+        encoder: ``encoder.pt`` (with its ``model_card.json``) or a pretraining run folder;
+            unset trains from a random initialisation of ``backbone``.
+        backbone: timm encoder of a random initialisation (an encoder's card names its own).
+        decoder: 'unet', 'fpn' or 'upernet'.
+        classes: Class names in id order, each optionally ``name:#rrggbb``; default from the
+            labels (``background, foreground`` for vectors without ``label_field``).
+        label_field: Class attribute of vector labels.
+        bands: Bands to read (1-based indices or names); default all. Their number must
+            match the encoder's.
+        freeze_encoder: Train the decoder only.
+        epochs: Training epochs (:data:`DEFAULT_EPOCHS` when neither limit is set).
+        max_steps: Optimiser steps; training stops at whichever limit comes first.
+        batch_size: Patches per device per step.
+        patch_size: Side of the square training patches in pixels; the default tile size.
+        samples_per_epoch: Training patches per epoch; default about the number of
+            non-overlapping patches in the training area.
+        val_fraction: Share of the spatial blocks held out for validation (0: none).
+        block_size: Side of the spatial split blocks in pixels; default 4 patches.
+        max_nodata_fraction: Largest share of nodata pixels in a training patch.
+        lr: Learning rate (AdamW).
+        loss: 'ce', 'focal', 'dice' or 'jaccard'.
+        devices: Number of devices; more than one trains with DDP.
+        accelerator: Lightning accelerator ('auto', 'cpu', 'gpu', ...).
+        precision: Numeric precision passed to Lightning.
+        workers: Data-loading worker processes per device.
+        seed: Random seed of the split, the patches and the initialisation.
+        log_every_n_steps: How often the training loss is written to the CSV log.
+    """
+
+    rasters: Path | None = None
+    labels: Path | None = None
+    output: Path | None = None
+    encoder: Path | None = None
+    backbone: str = 'resnet50'
+    decoder: Literal['unet', 'fpn', 'upernet'] = 'unet'
+    classes: list[str] | None = None
+    label_field: str | None = None
+    bands: list[int | str] | None = None
+    freeze_encoder: bool = False
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int = 8
+    patch_size: int = 256
+    samples_per_epoch: int | None = None
+    val_fraction: float = 0.2
+    block_size: int | None = None
+    max_nodata_fraction: float = 0.5
+    lr: float = 1e-3
+    loss: Literal['ce', 'focal', 'dice', 'jaccard'] = 'ce'
+    devices: int = 1
+    accelerator: str = 'auto'
+    precision: Precision = '32'
+    workers: int = 0
+    seed: int = 0
+    log_every_n_steps: int = 10
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a fine-tuning run wrote.
+
+    Attributes:
+        run_dir: The run folder.
+        model: The trained model checkpoint.
+        model_card: Its model card.
+        global_step: Optimiser steps taken.
+        metrics: The last logged value of each metric (losses, IoUs).
+    """
+
+    run_dir: Path
+    model: Path
+    model_card: Path
+    global_step: int
+    metrics: dict[str, float]
+
+
+def train_segmentation(
+    config: SegmentConfig, *, overwrite: bool = False, progress: bool = True
+) -> RunResult:
+    """Fine-tune a segmentation model and write the run folder.
+
+    Args:
+        config: Resolved settings (e.g. ``geocmid.config.resolve(SegmentConfig, yaml, cli)``).
+        overwrite: Allow an existing non-empty run folder; its previous outputs are removed.
+        progress: Show Lightning's progress bar.
+
+    Returns:
+        The paths written, the steps taken and the final metrics.
+
+    Raises:
+        InputError: Missing settings, rasters without CRS, bad labels, a scene without labels,
+            a missing label field, encoder bands that differ from the raster bands, or an
+            existing run folder without ``overwrite``.
+    """
+    for name in ('rasters', 'labels', 'output'):
+        if getattr(config, name) is None:
+            raise InputError(f'--{name}', 'is required')
+    if config.decoder == 'upernet' and config.batch_size < 2:
+        # UPerNet's pyramid pooling normalises 1 x 1 maps over the batch.
+        raise InputError('--batch-size', 'the upernet decoder trains with batches of 2 or more')
+    run_dir = Path(config.output)  # type: ignore[arg-type]
+    if rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 has filled the folder
+        check_run_dir(run_dir, overwrite)
+    classes = parse_classes(config.classes) if config.classes is not None else None
+
+    encoder_card = read_card(config.encoder) if config.encoder is not None else None
+    data = SegmentationDataModule(
+        config.rasters,  # type: ignore[arg-type]
+        config.labels,  # type: ignore[arg-type]
+        label_field=config.label_field,
+        class_names=[name for name, _ in classes] if classes is not None else None,
+        bands=config.bands,
+        mean=encoder_card.mean if encoder_card is not None else None,
+        std=encoder_card.std if encoder_card is not None else None,
+        patch_size=config.patch_size,
+        batch_size=config.batch_size,
+        length=config.samples_per_epoch,
+        num_workers=config.workers,
+        val_fraction=config.val_fraction,
+        block_size=config.block_size,
+        max_nodata_fraction=config.max_nodata_fraction,
+        seed=config.seed,
+    )
+    weights = None
+    if config.encoder is not None:
+        assert encoder_card is not None
+        if encoder_card.in_chans != data.in_channels:
+            raise InputError(
+                config.encoder,
+                f'encoder takes {encoder_card.in_chans} band(s) ({", ".join(encoder_card.bands)}) '
+                f'but the rasters give {data.in_channels}; select bands with --bands',
+            )
+        encoder, _ = load_encoder(config.encoder, in_chans=data.in_channels)
+        weights = encoder.state_dict()
+
+    if rank_zero_only.rank == 0:
+        prepare_run_dir(run_dir, overwrite)
+        with atomic_output(run_dir / 'config.yaml', overwrite=True) as tmp:
+            Path(tmp).write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+
+    lightning.seed_everything(config.seed, workers=True, verbose=False)
+    task = Segmentation(
+        model=config.decoder,
+        backbone=encoder_card.backbone if encoder_card is not None else config.backbone,
+        backbone_kwargs=encoder_card.backbone_kwargs if encoder_card is not None else None,
+        weights=weights,
+        in_channels=data.in_channels,
+        num_classes=len(data.class_names),
+        labels=list(data.class_names),
+        loss=config.loss,
+        lr=config.lr,
+        freeze_backbone=config.freeze_encoder,
+    )
+    trainer = build_trainer(
+        run_dir,
+        epochs=config.epochs,
+        max_steps=config.max_steps,
+        devices=config.devices,
+        accelerator=config.accelerator,
+        precision=config.precision,
+        log_every_n_steps=config.log_every_n_steps,
+        validate=data.val_roi is not None,
+        progress=progress,
+    )
+    trainer.fit(task, datamodule=data)
+    if data.val_roi is not None:
+        # Epoch-end validation misses the steps after the last full epoch (always, with
+        # --max-steps), so the exported model itself is validated once more.
+        trainer.validate(task, datamodule=data, verbose=False)
+    colors = [color for _, color in classes] if classes is not None else None
+    card = _segmentation_card(config, data, encoder_card, colors)
+    return export_run(trainer, run_dir, card)
+
+
+def load_segmentation_model(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]:
+    """The trained network of a segmentation run, ready for whole-scene inference.
+
+    Args:
+        run_dir: A run folder written by :func:`train_segmentation`.
+
+    Returns:
+        The network in eval mode, mapping normalised ``(B, C, h, w)`` images to logits
+        ``(B, K, h, w)`` (normalise with the card's ``mean`` and ``std``), and the card.
+
+    Raises:
+        InputError: No card or checkpoint, a card of another task, or an unreadable checkpoint.
+    """
+    card = read_card(run_dir)
+    if card.task != 'segmentation':
+        raise InputError(run_dir, f'not a segmentation model (task: {card.task})')
+    checkpoint = Path(run_dir) / MODEL_NAME
+    if not checkpoint.is_file():
+        raise InputError(run_dir, f'no {MODEL_NAME} in this folder')
+    try:
+        task = Segmentation.load_from_checkpoint(checkpoint, map_location='cpu')
+    except (KeyError, RuntimeError, EOFError, ValueError) as exc:
+        raise InputError(checkpoint, f'cannot load segmentation model ({exc})') from None
+    return task.model.eval(), card
+
+
+def parse_classes(specs: list[str]) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """Split ``name`` / ``name:#rrggbb`` entries into names and optional RGB colours.
+
+    Args:
+        specs: One entry per class, in id order, e.g. ``['background', 'building:#ff0000']``.
+
+    Returns:
+        ``(name, colour or None)`` per class.
+
+    Raises:
+        InputError: An empty or duplicate name, fewer than two classes, or a bad colour.
+    """
+    parsed: list[tuple[str, tuple[int, int, int] | None]] = []
+    for spec in specs:
+        name, _, color = spec.strip().partition(':')
+        name, color = name.strip(), color.strip()
+        if not name:
+            raise InputError('--classes', f'empty class name in {spec!r}')
+        rgb = None
+        if color:
+            digits = color.removeprefix('#')
+            if len(digits) != 6 or any(c not in '0123456789abcdefABCDEF' for c in digits):
+                raise InputError('--classes', f'colour of {name!r} must be #rrggbb, not {color!r}')
+            rgb = (int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16))
+        parsed.append((name, rgb))
+    names = [name for name, _ in parsed]
+    if len(names) < 2:
+        raise InputError('--classes', f'at least 2 classes are needed, got {len(names)}')
+    if len(set(names)) != len(names):
+        raise InputError('--classes', f'duplicate class names in {", ".join(names)}')
+    return parsed
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Fail before any work if ``run_dir`` cannot become a run folder.
+
+    Raises:
+        InputError: ``run_dir`` is a file, or a non-empty folder and ``overwrite`` is False.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(run_dir, 'exists and is not a folder')
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise InputError(run_dir, 'run folder exists and is not empty; use --overwrite')
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run folder; with ``overwrite``, remove a previous run's outputs first.
+
+    Only :data:`RUN_OUTPUTS` are removed, so a mistyped path cannot wipe unrelated files.
+
+    Raises:
+        InputError: See :func:`check_run_dir`, or the folder cannot be created.
+    """
+    check_run_dir(run_dir, overwrite)
+    for name in RUN_OUTPUTS:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(run_dir, f'cannot create run folder ({exc.strerror})') from None
+
+
+def build_trainer(
+    run_dir: Path,
+    *,
+    epochs: int | None,
+    max_steps: int | None,
+    devices: int = 1,
+    accelerator: str = 'auto',
+    precision: Precision = '32',
+    log_every_n_steps: int = 10,
+    validate: bool = True,
+    progress: bool = True,
+) -> lightning.Trainer:
+    """The Lightning trainer of a fine-tuning run, logging CSV into ``run_dir/logs``.
+
+    Args:
+        run_dir: The run folder.
+        epochs: Epoch limit (:data:`DEFAULT_EPOCHS` when neither limit is set).
+        max_steps: Step limit.
+        devices: Number of devices; more than one trains with DDP.
+        accelerator: Lightning accelerator.
+        precision: Lightning precision.
+        log_every_n_steps: Training-loss logging interval.
+        validate: Run validation each epoch (False when nothing is held out).
+        progress: Show a progress bar.
+    """
+    if epochs is None:
+        epochs = -1 if max_steps is not None else DEFAULT_EPOCHS
+    return lightning.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy='ddp' if devices > 1 else 'auto',
+        # The training sampler shards patches by rank itself (TorchGeo #305).
+        use_distributed_sampler=False,
+        precision=precision,
+        max_epochs=epochs,
+        max_steps=max_steps if max_steps is not None else -1,
+        logger=CSVLogger(run_dir, name='logs'),
+        callbacks=[TQDMProgressBar()] if progress else [],
+        enable_checkpointing=False,  # the one checkpoint, model.ckpt, is written by export_run
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=log_every_n_steps,
+        num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def export_run(trainer: lightning.Trainer, run_dir: Path, card: ModelCard) -> RunResult:
+    """Write ``model.ckpt`` (weights and hyperparameters only) and ``model_card.json``.
+
+    Both are written atomically; the checkpoint through the trainer so that, under DDP, only
+    rank 0 writes it.
+    """
+    model = run_dir / MODEL_NAME
+    trainer.save_checkpoint(model, weights_only=True)
+    card_file = run_dir / 'model_card.json'
+    if trainer.is_global_zero:
+        write_card(card_file, card, overwrite=True)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    return RunResult(run_dir, model, card_file, trainer.global_step, metrics)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that writes beside the target and renames into place.
+
+    An interrupted save never leaves a truncated checkpoint at the final path.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None
+    ) -> None:
+        """Save ``checkpoint`` to ``path`` atomically."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path, overwrite=True) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def _segmentation_card(
+    config: SegmentConfig,
+    data: SegmentationDataModule,
+    encoder_card: ModelCard | None,
+    colors: list[tuple[int, int, int] | None] | None,
+) -> ModelCard:
+    """The card of a trained segmentation model (see the module docstring)."""
+    palette = default_classes(len(data.class_names))
+    classes = [
+        ClassInfo(name, (colors[i] if colors and colors[i] else None) or palette[i].color)
+        for i, name in enumerate(data.class_names)
+    ]
+    images = data.images
+    provenance: dict[str, Any] = {'decoder': config.decoder}
+    if config.encoder is not None:
+        assert encoder_card is not None
+        weights = Path(config.encoder)
+        weights = weights / ENCODER_NAME if weights.is_dir() else weights
+        provenance['encoder'] = {
+            'path': str(weights.resolve()),
+            'sha256': sha256_file(weights),
+            'card': encoder_card.to_dict(),
+        }
+    return ModelCard(
+        method='supervised',
+        backbone=encoder_card.backbone if encoder_card is not None else config.backbone,
+        backbone_kwargs=dict(encoder_card.backbone_kwargs) if encoder_card is not None else {},
+        bands=list(images.band_names),
+        band_indices=list(images.band_indexes),
+        mean=data.mean.tolist(),
+        std=data.std.tolist(),
+        patch_size=config.patch_size,
+        resolution=_metres_per_pixel(images.crs, images.res[0]),
+        data={
+            'rasters': images.files,
+            'labels': str(Path(config.labels).resolve()),  # type: ignore[arg-type]
+            'label_field': config.label_field,
+            'crs': images.crs.to_string(),
+            'split': {
+                'block_size': data.block_size,
+                'val_fraction': data.val_fraction,
+                'seed': data.seed,
+            },
+        },
+        config=to_plain(config),
+        task='segmentation',
+        classes=classes,
+        tile_size=config.patch_size,
+        provenance=provenance,
+    )
+
+
+def _metres_per_pixel(crs: CRS, res: float) -> float | None:
+    """The ground resolution when the CRS is in metres; None for degrees or other units."""
+    unit = crs.axis_info[0].unit_name if crs.axis_info else None
+    return float(res) if unit in ('metre', 'meter') else None
+
