@@ -1,0 +1,215 @@
+"""Windowed, normalised reads of a scene for inference, with a per-pixel validity mask."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.io import DatasetReader
+from rasterio.transform import Affine
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from ..data.rasters import (
+    BandSelection,
+    ValidityRule,
+    check_bands,
+    open_raster,
+    require_georeferencing,
+)
+from ..errors import InputError
+
+
+def open_scene(path: str | os.PathLike[str]) -> DatasetReader:
+    """Open a readable, georeferenced raster (see :mod:`geocmid.data.rasters`).
+
+    Raises:
+        InputError: the file is missing, unreadable or corrupt, or has no CRS or geotransform.
+    """
+    src = open_raster(path)
+    try:
+        require_georeferencing(src, path)
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def normalise_window(
+    data: np.ndarray, valid: np.ndarray, mean: np.ndarray, std: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise a window as the model expects it and zero-pad it to ``size``.
+
+    Shared by every window source (a scene, an image pair), so that all feed the model alike.
+
+    Args:
+        data: (C, rows, cols) raw pixels.
+        valid: (rows, cols) validity.
+        mean: per-band mean, shaped (C, 1, 1).
+        std: per-band standard deviation, shaped (C, 1, 1).
+        size: (height, width) to pad to at the bottom and right (the model's tile).
+
+    Returns:
+        ``(image, valid)``: float32 ``(data - mean) / std`` with invalid pixels set to 0, the
+        neutral value for the model, and the validity; the padding is 0 and invalid.
+    """
+    image = np.zeros((data.shape[0], *size), dtype=np.float32)
+    mask = np.zeros(size, dtype=bool)
+    rows, cols = data.shape[1:]
+    normalised = image[:, :rows, :cols]
+    np.subtract(data, mean, out=normalised, casting='unsafe')
+    normalised /= std
+    normalised[:, ~valid] = 0.0
+    mask[:rows, :cols] = valid
+    return image, mask
+
+
+class SceneReader:
+    """Reads fixed-size, normalised float32 windows of a scene and where they are valid.
+
+    The output grid is the scene's own grid. When ``resolution`` differs from the scene's
+    pixel size, the scene is read through a virtual warp (:class:`~rasterio.vrt.WarpedVRT`,
+    same CRS and origin, bilinear) at that resolution: :attr:`crs`, :attr:`transform`,
+    :attr:`width` and :attr:`height` then describe the warped grid, :attr:`scene` keeps the
+    scene's, and writers resample their results back onto it at the end
+    (``PredictionWriter(..., output_grid=reader.scene)``).
+
+    A pixel is valid only where every selected band is valid (the data layer's
+    :class:`~geocmid.data.rasters.ValidityRule`: ``nodata`` when given, else the file's nodata
+    value, alpha or mask band), and never NaN. Invalid pixels read as 0
+    after normalisation, the neutral value for the model.
+
+    Args:
+        path: the scene.
+        bands: bands to read, in model channel order: 1-based indexes or band names; all
+            bands when None.
+        mean: per-band mean subtracted before dividing by ``std`` (in raw data units).
+        std: per-band standard deviation.
+        resolution: the model's ground resolution in CRS units; None keeps the scene's.
+        nodata: overrides or supplies the input nodata value.
+
+    Raises:
+        InputError: for a bad scene (see :func:`open_scene`), bands or statistics.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        bands: BandSelection | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        resolution: float | None = None,
+        nodata: float | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.scene = open_scene(path)
+        try:
+            self.bands = check_bands(path, self.scene.count, bands, self.scene.descriptions)
+            count = len(self.bands)
+            mean = [0.0] * count if mean is None else list(mean)
+            std = [1.0] * count if std is None else list(std)
+            if len(mean) != count or len(std) != count:
+                raise InputError(
+                    path, f'{count} band(s) selected but {len(mean)} mean and {len(std)} std values'
+                )
+            if any(not s > 0 for s in std):
+                raise InputError(path, f'std values must be positive, got {std}')
+            self.mean = np.asarray(mean, dtype=np.float32)[:, None, None]
+            self.std = np.asarray(std, dtype=np.float32)[:, None, None]
+            self.nodata = self.scene.nodata if nodata is None else nodata
+            self.source: DatasetReader | WarpedVRT = self._warp(resolution)
+            self.validity = ValidityRule.of(self.source, self.bands, nodata)
+        except BaseException:
+            self.scene.close()
+            raise
+
+    def _warp(self, resolution: float | None) -> DatasetReader | WarpedVRT:
+        xres, yres = self.scene.res
+        if resolution is None or math.isclose(xres, resolution, rel_tol=1e-9) and math.isclose(
+            yres, resolution, rel_tol=1e-9
+        ):
+            return self.scene
+        if not resolution > 0:
+            raise InputError(self.path, f'model resolution must be positive, got {resolution}')
+        t = self.scene.transform
+        width = max(1, round(self.scene.width * xres / resolution))
+        height = max(1, round(self.scene.height * yres / resolution))
+        transform = Affine(
+            math.copysign(resolution, t.a), 0.0, t.c, 0.0, math.copysign(resolution, t.e), t.f
+        )
+        return WarpedVRT(
+            self.scene,
+            crs=self.scene.crs,
+            transform=transform,
+            width=width,
+            height=height,
+            resampling=Resampling.bilinear,
+            src_nodata=self.nodata,
+            nodata=self.nodata,
+        )
+
+    @property
+    def crs(self) -> CRS:
+        """CRS of the grid that windows are read on."""
+        return self.source.crs
+
+    @property
+    def transform(self) -> Affine:
+        """float64 geotransform of the grid that windows are read on."""
+        return self.source.transform
+
+    @property
+    def height(self) -> int:
+        """Height in pixels of the grid that windows are read on."""
+        return self.source.height
+
+    @property
+    def width(self) -> int:
+        """Width in pixels of the grid that windows are read on."""
+        return self.source.width
+
+    @property
+    def warped(self) -> bool:
+        """Whether the scene is read at another resolution than its own."""
+        return self.source is not self.scene
+
+    def read(self, window: Window, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Read one window, normalised and zero-padded to ``size``.
+
+        Args:
+            window: a window inside the grid.
+            size: (height, width) to pad to at the bottom and right (the model's tile).
+
+        Returns:
+            ``(image, valid)``: float32 (C, *size) and bool (*size); the padding is invalid.
+        """
+        raw = self.source.read(self.bands, window=window)
+        valid = self.validity.valid(self.source, self.bands, window, raw)
+        if raw.dtype.kind == 'f':
+            valid &= ~np.isnan(raw).any(axis=0)  # NaN is never a usable input
+        return normalise_window(raw, valid, self.mean, self.std, size)
+
+    def close(self) -> None:
+        """Close the virtual warp (if any) and the scene."""
+        if self.warped:
+            self.source.close()
+        self.scene.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
