@@ -271,7 +271,7 @@ def test_data_module_normalises_and_zeroes_nodata(rasters: Path) -> None:
 def test_data_module_patches_avoid_nodata(rasters: Path) -> None:
     data = data_module(rasters)
     data.setup('fit')
-    batch = next(iter(data.train_dataloader()))
+    batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
     assert batch['image'].shape == (4, 4, 64, 64)
     assert batch['valid'].float().mean(dim=(1, 2)).min() >= 0.5
 
@@ -286,7 +286,7 @@ def test_data_module_from_chips(tmp_path: Path) -> None:
     assert data.band_names == ['blue', 'red']
     assert data.samples_per_epoch == 2 and data.resolution is None
     data.setup('fit')
-    batch = next(iter(data.train_dataloader()))
+    batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
     assert batch['image'].shape == (2, 2, 64, 64)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import torch
@@ -17,7 +19,7 @@ from torchgeo.datasets import stack_samples
 from torchgeo.samplers import GriddedPatchSampler, RandomPatchSampler
 
 from conftest import SAMPLE_DATA, write_geotiff
-from geocmid.data.dataset import GeoRasterDataset
+from geocmid.data.dataset import GeoRasterDataset, valid_from_sentinel
 from geocmid.data.sampling import ValidPatchSampler
 from geocmid.errors import InputError
 
@@ -80,6 +82,23 @@ def test_mosaic_fills_gaps_with_nodata_and_first_valid_pixel_wins(tmp_path: Path
     assert (image[:, 30:] == 0).all()  # the fill value is the shared nodata
     with pytest.raises(IndexError):
         dataset[100:116, 100:116]
+
+
+class DatedRasters(GeoRasterDataset):
+    filename_regex = r'.*_(?P<date>\d{8})\.tif'
+
+
+def test_time_slices_select_files_by_date(tmp_path: Path) -> None:
+    early, late = ramp(1, 8, 8), ramp(1, 8, 8) + 100
+    write_geotiff(tmp_path / 'a_20200101.tif', early, transform=from_origin(0, 8, 1, 1))
+    write_geotiff(tmp_path / 'b_20210101.tif', late, transform=from_origin(0, 8, 1, 1))
+    dataset = DatedRasters(tmp_path)
+    both = dataset[0:8, 0:8]['image'][0].numpy()
+    np.testing.assert_array_equal(both, early[0])  # the first file wins where both lie
+    in_2021 = slice(pd.Timestamp('2020-06-01'), pd.Timestamp('2021-06-01'))
+    np.testing.assert_array_equal(dataset[0:8, 0:8, in_2021]['image'][0].numpy(), late[0])
+    with pytest.raises(IndexError):
+        dataset[0:8, 0:8, slice(pd.Timestamp('2022-01-01'), pd.Timestamp('2022-02-01'))]
 
 
 # -- target grid and reprojection -------------------------------------------------------
@@ -218,6 +237,105 @@ def test_nodata_from_file_and_override(tmp_path: Path) -> None:
     assert override.nodata == 7777
     valid = override[0:8, 0:8]['valid']
     assert valid.sum() == 63 and not valid[1, 1]
+
+
+# -- native images and implied validity ---------------------------------------------------
+
+
+def test_native_images_keep_the_stored_dtype(tmp_path: Path) -> None:
+    small = ramp(3, 16, 16, 'uint8')
+    large = ramp(3, 16, 16, 'int16') - 500  # negative values too
+    write_geotiff(tmp_path / 'a.tif', small, transform=from_origin(0, 16, 1, 1))
+    write_geotiff(tmp_path / 'b.tif', large, transform=from_origin(16, 16, 1, 1))
+    uint8 = GeoRasterDataset(tmp_path / 'a.tif', dtype='native')[0:16, 0:16]['image']
+    assert uint8.dtype == torch.uint8
+    np.testing.assert_array_equal(uint8.numpy(), small)
+
+    # A mosaic is read in the files' common dtype, here int16 for uint8 and int16.
+    native = GeoRasterDataset(tmp_path, dtype='native')[8:24, 0:16]['image']
+    floats = GeoRasterDataset(tmp_path)[8:24, 0:16]['image']
+    assert native.dtype == torch.int16 and floats.dtype == torch.float32
+    expected = np.concatenate([small[:, :, 8:], large[:, :, :8]], axis=2)
+    np.testing.assert_array_equal(native.numpy(), expected)
+    np.testing.assert_array_equal(floats.numpy(), expected.astype(np.float32))
+    with pytest.raises(InputError, match="dtype must be 'float32' or 'native', got 'float64'"):
+        GeoRasterDataset(tmp_path, dtype='float64')  # type: ignore[arg-type]
+
+
+def test_sentinel_only_where_one_nodata_value_marks_validity(tmp_path: Path) -> None:
+    def sentinel(name: str, data: np.ndarray, nodata: float | None) -> float | None:
+        write_geotiff(tmp_path / name / 'a.tif', data, nodata=nodata)
+        return GeoRasterDataset(tmp_path / name).sentinel
+
+    uint8 = ramp(2, 8, 8, 'uint8')
+    assert sentinel('zero', uint8, 0) == 0
+    assert math.isnan(sentinel('nan', ramp(2, 8, 8, 'float32'), math.nan))  # type: ignore[arg-type]
+    assert sentinel('given', uint8, None) is None  # every pixel valid: nothing marks them
+    # -1 cannot be stored in uint8, so uncovered pixels hold 0, which is not the sentinel.
+    assert GeoRasterDataset(tmp_path / 'given', nodata=-1).sentinel is None
+    assert GeoRasterDataset(tmp_path / 'given', nodata=7).sentinel == 7
+
+    write_geotiff(tmp_path / 'mixed' / 'a.tif', uint8, nodata=0)
+    write_geotiff(tmp_path / 'mixed' / 'b.tif', uint8, nodata=255)
+    assert GeoRasterDataset(tmp_path / 'mixed').sentinel is None
+
+    masked = write_geotiff(tmp_path / 'masked' / 'a.tif', uint8)
+    with rasterio.open(masked, 'r+') as dst:
+        dst.write_mask(np.full((8, 8), 255, dtype=np.uint8))
+    assert GeoRasterDataset(masked).sentinel is None  # a GDAL mask, which values cannot express
+
+
+def test_omitted_valid_is_rebuilt_exactly_from_the_sentinel(tmp_path: Path) -> None:
+    a = ramp(3, 20, 20)
+    a[:, 2:5, 2:5] = 0  # a nodata block
+    a[1, 8, 8] = 0  # one band only: the pixel is invalid, its other bands keep their values
+    b = ramp(3, 20, 20) + 3000
+    b[0, 6, 4] = 0  # under a's valid pixels: a wins
+    b[2, 3, 12] = 0
+    write_geotiff(tmp_path / 'a.tif', a, transform=from_origin(0, 20, 1, 1), nodata=0)
+    write_geotiff(tmp_path / 'b.tif', b, transform=from_origin(10, 20, 1, 1), nodata=0)
+    with_valid = GeoRasterDataset(tmp_path, dtype='native')
+    lean = GeoRasterDataset(tmp_path, dtype='native', omit_implied_valid=True)
+    assert lean.sentinel == 0
+    queries = [
+        (slice(0, 16), slice(4, 20)),  # inside a
+        (slice(6, 26), slice(0, 20)),  # across a and b (a mosaic)
+        (slice(20, 40), slice(8, 20)),  # b and the uncovered area beyond it
+        (slice(1.5, 17.5), slice(2.5, 18.5)),  # off the grid: resampled
+    ]
+    images, masks = [], []
+    for query in queries:
+        sample, expected = lean[query], with_valid[query]
+        assert 'valid' not in sample
+        torch.testing.assert_close(sample['image'], expected['image'])
+        assert not expected['valid'].all() and expected['valid'].any()
+        assert torch.equal(valid_from_sentinel(sample['image'], 0), expected['valid'])
+        if sample['image'].shape[-2:] == (16, 16):
+            images.append(sample['image'])
+            masks.append(expected['valid'])
+    # On a batch, as on the device after the transfer.
+    assert torch.equal(valid_from_sentinel(torch.stack(images), 0), torch.stack(masks))
+
+    # float32 images hold uint16 exactly, so the mask is left out there too ...
+    assert 'valid' not in GeoRasterDataset(tmp_path, omit_implied_valid=True)[queries[0]]
+    # ... but not uint32, whose large values float32 would merge with the nodata value.
+    write_geotiff(tmp_path / 'big' / 'a.tif', ramp(1, 8, 8, 'uint32'), nodata=2**32 - 1)
+    big = GeoRasterDataset(tmp_path / 'big', omit_implied_valid=True)
+    assert big.sentinel == 2**32 - 1 and 'valid' in big[:, :]
+    native = GeoRasterDataset(tmp_path / 'big', dtype='native', omit_implied_valid=True)
+    assert 'valid' not in native[:, :]
+
+
+def test_valid_from_sentinel_is_exact_for_large_integers_and_nan() -> None:
+    top = 2**32 - 1
+    image = torch.tensor([[[top, top - 1, 5]], [[1, 1, 1]]], dtype=torch.uint32)  # (2, 1, 3)
+    assert valid_from_sentinel(image, float(top)).tolist() == [[False, True, True]]
+    # What the int conversion avoids: in float32, top - 1 would match the sentinel too.
+    assert (image.to(torch.float32) == float(top)).sum() == 2
+    image = torch.tensor([[[1.0, math.nan]], [[math.nan, 2.0]], [[3.0, 4.0]]])
+    assert valid_from_sentinel(image, math.nan).tolist() == [[False, False]]
+    image = torch.tensor([[[-9999.0, -9999.5]]], dtype=torch.float64)
+    assert valid_from_sentinel(image, -9999.0).tolist() == [[False, True]]
 
 
 # -- validation ----------------------------------------------------------------------------

@@ -113,10 +113,20 @@ class GeoRasterDataset(GeoDataset):
       device after the batch transfer: for 8-bit data they are a quarter of the bytes to
       convert, collate, pin and copy to the GPU, and the host skips the conversion;
     * ``valid``: bool (H, W), True where every selected band holds data; pixels covered by no
-      file are invalid and hold the nodata value (or 0 without one);
+      file are invalid and hold the nodata value (or 0 without one). With
+      ``omit_implied_valid=True`` it is left out whenever the image implies it exactly: when
+      :attr:`sentinel` is set and the image dtype holds the read values exactly (native, or
+      8- and 16-bit integers or float32 read as float32). Consumers rebuild it with
+      :func:`valid_from_sentinel` on the device after the batch transfer, where it costs
+      nothing measurable, instead of the host spending a quarter of a cached read on it
+      (see BENCHMARKS.md);
     * ``bounds``: [xmin, xmax, xres, ymin, ymax, yres, tmin, tmax, tres] and ``transform``:
       the 9 affine coefficients, both **float64** (TorchGeo's float32 loses up to a pixel in
       UTM northings, spec 2.2).
+
+    ``sentinel`` is the value that marks exactly the invalid pixels of every sample (a pixel
+    is invalid where some band holds it), when there is one: every file's validity is the
+    same nodata value and the pixels no file covers are filled with it. Else it is None.
 
     Where files overlap, the first one (by path) with a valid pixel wins, as in
     ``rasterio.merge``'s default. Open files are cached per process (never pickled, reopened
@@ -146,6 +156,7 @@ class GeoRasterDataset(GeoDataset):
         resampling: Resampling = Resampling.bilinear,
         transforms: Callable[[Sample], Sample] | None = None,
         dtype: ImageDtype = 'float32',
+        omit_implied_valid: bool = False,
         stats_path: PathLike | None = None,
         stats_max_pixels: int = 2**22,
         max_open_files: int = 64,
@@ -165,6 +176,8 @@ class GeoRasterDataset(GeoDataset):
             resampling: resampling used where files are reprojected or resampled.
             transforms: a function applied to each sample.
             dtype: 'float32' images, or 'native' ones in the files' common dtype (see above).
+            omit_implied_valid: leave ``valid`` out of the samples when their images imply
+                it exactly (see above).
             stats_path: statistics sidecar (default: beside the data, see
                 :func:`~geocmid.data.stats.default_sidecar`).
             stats_max_pixels: pixel budget for computing statistics over all files.
@@ -189,7 +202,8 @@ class GeoRasterDataset(GeoDataset):
         self.max_nodata_fraction = max_nodata_fraction
         self.resampling = resampling
         self.transforms = transforms
-        self.dtype = dtype
+        # Not ``self.dtype``: TorchGeo's RasterDataset uses that name for a torch dtype.
+        self._native = dtype == 'native'
         self.stats_path = None if stats_path is None else Path(stats_path)
         self.stats_max_pixels = stats_max_pixels
         self.max_open_files = max_open_files
@@ -201,6 +215,9 @@ class GeoRasterDataset(GeoDataset):
         self._read_dtype = np.result_type(*{d for source in self.sources for d in source.dtypes})
         self.nodata = self._common_nodata()
         self._fill = self._fill_value()
+        self.sentinel = self._sentinel()
+        exact = self._native or np.can_cast(self._read_dtype, np.float32)
+        self._omit_valid = omit_implied_valid and self.sentinel is not None and exact
         self._stats: BandStats | None = None
         self._readers: OrderedDict[int, tuple[DatasetReader, DatasetReader | WarpedVRT]] = (
             OrderedDict()
@@ -275,6 +292,20 @@ class GeoRasterDataset(GeoDataset):
         if float(self.nodata).is_integer() and limits.min <= self.nodata <= limits.max:
             return self.nodata
         return 0
+
+    def _sentinel(self) -> float | None:
+        """The value marking exactly the invalid pixels of every sample, if there is one.
+
+        There is one when every file's validity is the same nodata value (not masks or alpha
+        bands, which values cannot express) and the pixels no file covers are filled with it.
+        In a mosaic a pixel is then taken, all bands at once, only from a file where it is
+        valid, so a read pixel is invalid exactly where some band holds the value.
+        """
+        if self.nodata is None:  # masks, alpha bands or different nodata values decide
+            return None
+        if self._fill == self.nodata or (math.isnan(self._fill) and math.isnan(self.nodata)):
+            return self.nodata
+        return None  # the fill stands in for a nodata value the read dtype cannot hold
 
     def _plan(
         self, crs: CRS | ProjCRS | str | None, res: float | tuple[float, float] | None
@@ -417,7 +448,8 @@ class GeoRasterDataset(GeoDataset):
                 the dataset's bounds and resolution.
 
         Returns:
-            A sample with ``image``, ``valid``, ``bounds`` and ``transform``.
+            A sample with ``image``, ``valid`` (unless left out, see ``omit_implied_valid``),
+            ``bounds`` and ``transform``.
 
         Raises:
             IndexError: no file overlaps ``index``.
@@ -449,11 +481,13 @@ class GeoRasterDataset(GeoDataset):
         image = torch.from_numpy(data)
         bounds = (x.start, x.stop, x.step, y.start, y.stop, y.step, t_start, t_stop, t.step)
         sample: Sample = {
-            'image': image if self.dtype == 'native' else image.to(torch.float32),
-            'valid': torch.from_numpy(valid),
+            'image': image if self._native else image.to(torch.float32),
             'bounds': torch.from_numpy(np.array(bounds, dtype=np.float64)),
             'transform': torch.from_numpy(np.array(transform, dtype=np.float64)),
         }
+        if not self._omit_valid:
+            assert valid is not None  # only single reads skip it, and only when omitted
+            sample['valid'] = torch.from_numpy(valid)
         if self.transforms is not None:
             sample = self.transforms(sample)
         return sample
@@ -481,7 +515,8 @@ class GeoRasterDataset(GeoDataset):
         """
         hits = self._files.overlapping(x.start, y.start, x.stop, y.stop)
         if t is not self._bounds[2]:
-            start, stop = pd.Timestamp(t.start).to_datetime64(), pd.Timestamp(t.stop).to_datetime64()
+            start, stop = (pd.Timestamp(t.start).to_datetime64(),
+                           pd.Timestamp(t.stop).to_datetime64())  # fmt: skip
             hits = [i for i in hits if self._tmin[i] <= stop and self._tmax[i] >= start]
         return hits
 
@@ -497,12 +532,15 @@ class GeoRasterDataset(GeoDataset):
         Returns:
             (C, H, W) data in the files' common dtype and the (H, W) bool validity.
         """
-        source = self.sources[i]
-        reader = self._reader(i)
-        data = reader.read(source.indexes, window=window)
+        data = self.read_pixels(i, window)
+        return data, self._rule(i).valid(self._reader(i), self.sources[i].indexes, window, data)
+
+    def read_pixels(self, i: int, window: Window) -> np.ndarray:
+        """(C, H, W) pixels of file ``i`` in ``window``, in the files' common dtype."""
+        data = self._reader(i).read(self.sources[i].indexes, window=window)
         if data.dtype != self._read_dtype:  # only in mosaics of mixed dtypes
             data = data.astype(self._read_dtype)
-        return data, self._rule(i).valid(reader, source.indexes, window, data)
+        return data
 
     def read_valid(self, i: int, window: Window) -> np.ndarray:
         """(H, W) bool validity of file ``i`` in ``window`` (see :meth:`read_window`)."""
@@ -510,13 +548,19 @@ class GeoRasterDataset(GeoDataset):
 
     def _read_on_grid(
         self, hits: list[int], col: int, row: int, width: int, height: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Read a patch lying on the dataset grid with plain windowed reads."""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read a patch lying on the dataset grid with plain windowed reads.
+
+        The validity is None when the patch lies inside one file and samples leave it out.
+        """
         if len(hits) == 1:  # most patches: inside one file, read as is
             p = self.placements[hits[0]]
             inside = p.col <= col and col + width <= p.col + p.width
             if inside and p.row <= row and row + height <= p.row + p.height:
-                return self.read_window(hits[0], Window(col - p.col, row - p.row, width, height))
+                window = Window(col - p.col, row - p.row, width, height)
+                if self._omit_valid:
+                    return self.read_pixels(hits[0], window), None
+                return self.read_window(hits[0], window)
         data, valid = self._blank(height, width)
         for i in hits:
             p = self.placements[i]
@@ -708,3 +752,26 @@ def _close(a: float, b: float) -> bool:
 def _integral(value: float) -> bool:
     """Whether a pixel coordinate is whole, up to :data:`GRID_TOLERANCE`."""
     return abs(value - round(value)) < GRID_TOLERANCE
+
+
+def valid_from_sentinel(image: Tensor, sentinel: float) -> Tensor:
+    """Validity of images whose invalid pixels hold ``sentinel`` in some band.
+
+    Rebuilds the ``valid`` that :class:`GeoRasterDataset` leaves out of its samples with
+    ``omit_implied_valid=True`` (pass its :attr:`~GeoRasterDataset.sentinel`), typically on a
+    batch already on the device.
+
+    Args:
+        image: (..., C, H, W) images as the dataset returned them, in any dtype.
+        sentinel: the value marking invalid pixels; NaN matches NaN.
+
+    Returns:
+        (..., H, W) bool, True where no band holds ``sentinel``.
+    """
+    if math.isnan(sentinel):
+        return ~image.isnan().any(dim=-3)
+    if not image.is_floating_point():
+        # An int keeps the comparison in the image's dtype: against a float, torch would
+        # compare in float32, which merges large neighbouring integers (uint32, int32).
+        sentinel = int(sentinel)
+    return (image != sentinel).all(dim=-3)

@@ -7,9 +7,11 @@
 
 Both are opened and checked when the data module is created, so bad input fails before a model
 is built, and the band names, statistics and epoch length are known up front (the task records
-them). Batches are normalised on the device after the transfer: nodata pixels first take the
-band mean, so they are 0 once normalised, and ``valid`` stays in the batch so that the task can
-leave them out of its losses.
+them). Raster patches leave the host in the rasters' own dtype, with their validity left out
+where the nodata value implies it (:data:`RASTER_OPTIONS`). Batches are cast and normalised on
+the device after the transfer: ``valid`` is rebuilt there when needed, nodata pixels are
+normalised to 0 (the band mean), and ``valid`` stays in the batch so that the task can leave
+them out of its losses.
 """
 
 from __future__ import annotations
@@ -27,12 +29,18 @@ from torchvision.transforms.v2 import functional as F
 
 from ..errors import InputError
 from .chips import ChipFolder, chip_statistics
-from .dataset import GeoRasterDataset
+from .dataset import GeoRasterDataset, valid_from_sentinel
 from .rasters import BandSelection, crs_name
 from .sampling import ValidPatchSampler
 
 #: Names of the bands of 3-band JPEG/PNG chips, which PIL decodes as RGB.
 RGB_BAND_NAMES = ('red', 'green', 'blue')
+
+#: How pretraining reads raster patches (bench/loader.py measures this very setting): in the
+#: files' dtype, a quarter of the bytes of float32 for 8-bit imagery to collate, pin and copy
+#: to the GPU, and without the validity mask when the nodata value implies it; both are
+#: restored on the device by :meth:`PretrainDataModule.on_after_batch_transfer`.
+RASTER_OPTIONS: dict[str, Any] = {'dtype': 'native', 'omit_implied_valid': True}
 
 
 class RandomSquarePatch:
@@ -76,6 +84,8 @@ class PretrainDataModule(BaseDataModule):
             chips and 1 for float rasters), which relates 8-bit augmentation constants to the data.
         resolution: Ground resolution in metres per pixel, or None for chips.
         samples_per_epoch: Patches per epoch over all devices.
+        sentinel: Value marking the invalid pixels of raster patches, from which ``valid`` is
+            rebuilt on the device (see :attr:`GeoRasterDataset.sentinel`); None for chips.
     """
 
     def __init__(
@@ -124,6 +134,7 @@ class PretrainDataModule(BaseDataModule):
         self.source = 'rasters' if rasters is not None else 'images'
         self.root = os.fspath(rasters if rasters is not None else images)  # type: ignore[arg-type]
         self.sampler: Sampler[Any] | None = None
+        self.sentinel: float | None = None
         if rasters is not None:
             self._open_rasters(rasters, bands, samples_per_epoch, max_nodata_fraction, nodata)
         else:
@@ -143,7 +154,11 @@ class PretrainDataModule(BaseDataModule):
         nodata: float | None,
     ) -> None:
         dataset = GeoRasterDataset(
-            paths, bands=bands, nodata=nodata, max_nodata_fraction=max_nodata_fraction
+            paths,
+            bands=bands,
+            nodata=nodata,
+            max_nodata_fraction=max_nodata_fraction,
+            **RASTER_OPTIONS,
         )
         # Built once here (world size 1) to check that patches fit and to learn the default
         # epoch length; setup() shards it when training on several devices.
@@ -162,6 +177,7 @@ class PretrainDataModule(BaseDataModule):
         self.resolution: float | None = _metres_per_pixel(dataset)
         self.samples_per_epoch = len(sampler)
         self.crs = crs_name(dataset.sources[0].crs)
+        self.sentinel = dataset.sentinel
 
     def _open_chips(
         self,
@@ -259,13 +275,16 @@ class PretrainDataModule(BaseDataModule):
         """Normalise on the device: ``(x - mean) / std``, nodata pixels set to 0 (the mean).
 
         Args:
-            batch: ``image`` (B, C, H, W) in raw units, optionally ``valid`` (B, H, W).
+            batch: ``image`` (B, C, H, W) in raw units and any dtype, optionally ``valid``
+                (B, H, W); without it, it is rebuilt from the rasters' nodata value.
             dataloader_idx: Index of the data loader.
 
         Returns:
-            The batch with the normalised image and ``valid`` kept.
+            The batch with the normalised float32 image and ``valid``, when known.
         """
-        image = batch['image']
+        if 'valid' not in batch and self.sentinel is not None:
+            batch['valid'] = valid_from_sentinel(batch['image'], self.sentinel)
+        image = batch['image'].to(torch.float32)
         mean = self.mean.to(image)[None, :, None, None]
         std = self.std.to(image)[None, :, None, None]
         normalised = (image - mean) / std
