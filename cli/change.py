@@ -1,0 +1,237 @@
+"""`geocmid change` (change polygons and rasters from image pairs) and `geocmid train change`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from geocmid.errors import InputError
+
+if TYPE_CHECKING:
+    from geocmid.inference.change import ChangeResult
+
+#: What click gives ``--raster`` / ``--probabilities`` when they come without a path.
+_BESIDE = '<beside the output>'
+
+
+def _threshold(value: str | None) -> float | str | None:
+    """``--threshold``: a number, or 'otsu'."""
+    if value is None:
+        return None
+    if value.lower() == 'otsu':
+        return 'otsu'
+    try:
+        return float(value)
+    except ValueError:
+        problem = f"must be a number in [0, 1] or 'otsu', not {value!r}"
+        raise InputError('--threshold', problem) from None
+
+
+def _summary(name: str, result: ChangeResult) -> str:
+    """One line per pair: polygons, changed area, threshold and the files written."""
+    paths = [str(p) for p in (result.vector, result.raster, result.probabilities) if p is not None]
+    return (
+        f'{name}: {len(result.polygons)} change polygon(s), {result.changed_area_m2 / 1e4:.2f} ha, '
+        f'threshold {result.threshold:.3f}' + (f' -> {", ".join(paths)}' if paths else '')
+    )
+
+
+@click.command()
+@click.argument('before', required=False, type=click.Path(path_type=Path))
+@click.argument('after', required=False, type=click.Path(path_type=Path))
+@click.option(
+    '-o', '--output', required=True, type=click.Path(path_type=Path),
+    help='GeoPackage of change polygons; with --pairs, the folder receiving <name>.gpkg per pair.',
+)  # fmt: skip
+@click.option(
+    '--pairs', type=click.Path(path_type=Path),
+    help='CSV with before,after columns (optionally name), or a LEVIR-CD / SZTAKI folder.',
+)  # fmt: skip
+@click.option(
+    '--model', type=click.Path(path_type=Path), help='Run folder of `geocmid train change`.'
+)
+@click.option(
+    '--encoder', type=click.Path(path_type=Path),
+    help="Encoder (encoder.pt or run folder) for label-free detection: distance of the two dates' "
+    "features, thresholded by Otsu's method unless --threshold is given.",
+)  # fmt: skip
+@click.option(
+    '--raster', is_flag=False, flag_value=_BESIDE, default=None,
+    help='Also write the binary change COG (0/1, nodata 255) here; without a path (and with '
+    '--pairs) as <name>_change.tif beside the GeoPackage.',
+)  # fmt: skip
+@click.option(
+    '--probabilities', is_flag=False, flag_value=_BESIDE, default=None,
+    help='Also write the change-score COG here; without a path as <name>_score.tif.',
+)  # fmt: skip
+@click.option(
+    '--threshold',
+    help="Change-score threshold in [0, 1] or 'otsu' (default 0.5 with --model, otsu with "
+    '--encoder).',
+)
+@click.option(
+    '--min-area', type=float, default=0.0, show_default=True, help='Smallest polygon kept (m²).'
+)
+@click.option(
+    '--simplify', type=float, default=0.0, show_default=True, help='Simplification tolerance (m).'
+)
+@click.option('--tile', type=int, help="Window size in pixels (default the model card's).")
+@click.option('--overlap', type=int, help='Window overlap in pixels (default tile / 4).')
+@click.option(
+    '--batch-size', type=int, default=4, show_default=True, help='Windows per forward pass.'
+)
+@click.option(
+    '--blend', type=click.Choice(['cosine', 'linear', 'gaussian', 'none']), default='cosine',
+    show_default=True, help='How overlapping windows are combined.',
+)  # fmt: skip
+@click.option('--nodata', type=float, help="Override or supply both images' nodata value.")
+@click.option(
+    '--probability-dtype', type=click.Choice(['uint8', 'float32']), default='uint8',
+    show_default=True, help='Storage of the change scores.',
+)  # fmt: skip
+@click.option(
+    '--device', default='auto', show_default=True, help="'auto', 'cpu', 'cuda', 'cuda:1'..."
+)
+@click.option('--overwrite', is_flag=True, help='Replace existing outputs.')
+@click.option('--fail-fast', is_flag=True, help='With --pairs, stop at the first bad pair.')
+@click.option('--quiet', is_flag=True, help='No progress bar.')
+def change(
+    before: Path | None,
+    after: Path | None,
+    output: Path,
+    pairs: Path | None,
+    model: Path | None,
+    encoder: Path | None,
+    raster: str | None,
+    probabilities: str | None,
+    threshold: str | None,
+    fail_fast: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Detect changes between BEFORE and AFTER, or in every pair of --pairs.
+
+    AFTER is warped onto BEFORE's grid over their overlap, and the outputs lie on BEFORE's
+    grid. Give a trained change model (--model) or, label-free, an encoder (--encoder). With
+    --pairs, a bad pair is reported and the others still run (unless --fail-fast); the exit
+    status is then 2.
+    """
+    from geocmid.api import change_model, detect_change, detect_changes
+
+    given = (before is not None, after is not None, pairs is not None)
+    if given not in ((True, True, False), (False, False, True)):
+        raise click.UsageError('give BEFORE and AFTER, or --pairs (not both)')
+    loaded = change_model(model, encoder=encoder)
+    if before is not None and after is not None:
+        rasters = (('raster', raster, 'change'), ('probabilities', probabilities, 'score'))
+        beside = {
+            name: output.with_name(f'{output.stem}_{suffix}.tif') if value == _BESIDE else value
+            for name, value, suffix in rasters
+        }
+        result = detect_change(
+            before, after, loaded, vector=output, threshold=_threshold(threshold),
+            progress=not quiet, **beside, **options,
+        )  # fmt: skip
+        click.echo(_summary(output.stem, result))
+        return
+    for name, value in (('--raster', raster), ('--probabilities', probabilities)):
+        if value not in (None, _BESIDE):
+            raise click.UsageError(
+                f'with --pairs, {name} takes no path: files are named after the pairs'
+            )
+    failed: list[InputError] = []
+
+    def report(name: str, error: InputError) -> None:
+        failed.append(error)
+        click.echo(f'error: {error}', err=True)
+
+    assert pairs is not None
+    results = detect_changes(
+        pairs, model=loaded, out_dir=output, raster=raster is not None,
+        probabilities=probabilities is not None, threshold=_threshold(threshold),
+        fail_fast=fail_fast, on_error=report, progress=not quiet, **options,
+    )  # fmt: skip
+    for name, result in results.items():
+        click.echo(_summary(name, result))
+    if failed:
+        total = len(failed) + len(results)
+        raise InputError(pairs, f'{len(failed)} of {total} pair(s) failed (see above)')
+
+
+@click.command('change')
+@click.option(
+    '--pairs',
+    type=click.Path(path_type=Path),
+    help='CSV with before,after,label columns, or a folder in the LEVIR-CD (A/, B/, label/) or '
+    'SZTAKI AirChange (*/im1, im2, gt) layout. PNG/JPEG pairs without georeferencing are '
+    'used pixel for pixel.',
+)
+@click.option('-o', '--output', type=click.Path(path_type=Path), help='Run folder to write.')
+@click.option(
+    '--encoder',
+    type=click.Path(path_type=Path),
+    help='encoder.pt (with model_card.json beside it) or a pretraining run folder, shared by '
+    'both dates; default: random initialisation of --backbone.',
+)
+@click.option('--backbone', help="timm encoder without --encoder (default 'resnet50').")
+@click.option('--decoder', help="Siamese decoder: 'fcsiamdiff' (default) or 'fcsiamconc'.")
+@click.option('--bands', help="Bands of both images, 1-based ('1,2,3'); default all.")
+@click.option(
+    '--freeze-encoder',
+    is_flag=True,
+    default=None,
+    help='Keep the encoder fixed; train the decoder.',
+)
+@click.option('--epochs', type=int, help='Training epochs (default 20 unless --max-steps).')
+@click.option('--max-steps', type=int, help='Optimiser steps; stops at the first limit reached.')
+@click.option('--batch-size', type=int, help='Patches per device per step (default 8).')
+@click.option('--patch-size', type=int, help='Training patch side in pixels (default 256).')
+@click.option(
+    '--val-fraction', type=float, help='Share of the pairs held out for validation (0.2).'
+)
+@click.option('--workers', type=int, help='Data-loading processes per device (default 0).')
+@click.option('--devices', type=int, help='Number of devices; more than one trains with DDP.')
+@click.option('--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'.")
+@click.option('--precision', help="'32' (default), 'bf16-mixed' or '16-mixed'.")
+@click.option('--seed', type=int, help='Random seed (default 0).')
+@click.option(
+    '--config',
+    'config_file',
+    type=click.Path(path_type=Path),
+    help='YAML file with any of these settings and more (lr, loss, pos_weight, nodata, '
+    'samples_per_epoch, ...); command-line options win.',
+)
+@click.option('--overwrite', is_flag=True, help='Replace the outputs of an existing run folder.')
+@click.option('--quiet', is_flag=True, help='No progress bar.')
+def train_change(
+    config_file: Path | None, overwrite: bool, quiet: bool, bands: str | None, **options: object
+) -> None:
+    """Fine-tune a change model on labelled --pairs, writing -o RUN_DIR.
+
+    Whole pairs are held out for validation (the bottom rows when there is one pair); the F1
+    score and IoU of the change class are logged per epoch. RUN_DIR receives model.ckpt,
+    model_card.json, config.yaml and logs/.
+    """
+    from geocmid import change_training
+    from geocmid.config import resolve
+
+    indexes = None
+    if bands is not None:
+        try:
+            indexes = [int(item) for item in bands.split(',') if item.strip()]
+        except ValueError:
+            problem = f'expected 1-based band numbers like 1,2,3, got {bands!r}'
+            raise InputError('--bands', problem) from None
+    config = resolve(change_training.ChangeConfig, config_file, {'bands': indexes, **options})
+    result = change_training.train_change(config, overwrite=overwrite, progress=not quiet)
+    shown = {
+        'train_loss': 'train loss',
+        'val_OverallF1Score': 'val F1 (change)',
+        'val_OverallJaccardIndex': 'val IoU (change)',
+    }
+    values = [f'{name} {result.metrics[k]:.4f}' for k, name in shown.items() if k in result.metrics]
+    click.echo(f'step {result.global_step}: {", ".join(values)}')
+    click.echo(f'model: {result.model}')
+    click.echo(f'model card: {result.model_card}')
