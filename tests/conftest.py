@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,15 @@ def write_geotiff(
     with rasterio.open(path, 'w', **profile) as dst:
         dst.write(data)
     return path
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _stats_outside_the_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Band-statistics sidecars go to a temporary folder, never into sample_data/."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv('GEOCMID_STATS_DIR', str(tmp_path_factory.mktemp('stats')))
+    yield
+    mp.undo()
 
 
 @pytest.fixture

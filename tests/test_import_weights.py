@@ -242,15 +242,6 @@ def test_cli_command_errors(tmp_path: Path, student: dict[str, Tensor]) -> None:
     assert usage.exit_code == 2
 
 
-def cli_has_import_weights() -> bool:
-    from geocmid_cli.main import cli
-
-    return 'import-weights' in cli.commands
-
-
-@pytest.mark.skipif(
-    not cli_has_import_weights(), reason='import-weights not yet registered in cli/main.py'
-)
 def test_cli_exit_codes(tmp_path: Path, student: dict[str, Tensor]) -> None:
     resnet = tmp_path / 'resnet.pth'
     torch.save(student, resnet)

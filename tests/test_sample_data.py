@@ -14,6 +14,7 @@ import rasterio
 from shapely.geometry import box
 
 from conftest import SAMPLE_DATA
+from geocmid.data.stats import SIDECAR_NAME
 
 NAIP = sorted((SAMPLE_DATA / 'naip').glob('naip_*.tif'))
 LANDSAT = SAMPLE_DATA / 'landsat' / 'RGB.byte.tif'
@@ -30,7 +31,7 @@ def shipped_files() -> list[Path]:
     return sorted(
         path
         for path in SAMPLE_DATA.rglob('*')
-        if path.is_file() and '__pycache__' not in path.parts
+        if path.is_file() and '__pycache__' not in path.parts and path.name != SIDECAR_NAME
     )
 
 

@@ -17,6 +17,21 @@ from geocmid.data.dataset import GeoRasterDataset
 from geocmid.data.stats import SIDECAR_NAME, BandStats, sample_windows
 
 
+@pytest.fixture(autouse=True)
+def _sidecars_beside_the_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check where sidecars go by default, so undo the suite-wide redirection."""
+    monkeypatch.delenv('GEOCMID_STATS_DIR', raising=False)
+
+
+def test_stats_dir_overrides_the_data_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / 'data'
+    two_rasters(data)
+    monkeypatch.setenv('GEOCMID_STATS_DIR', str(tmp_path / 'stats'))
+    GeoRasterDataset(data).stats
+    assert not (data / SIDECAR_NAME).exists()
+    assert len(list((tmp_path / 'stats').glob('*.stats.json'))) == 1
+
+
 def test_merge_matches_numpy_over_the_union() -> None:
     rng = np.random.default_rng(0)
     chunks = [rng.normal(1e4, 50, size=(3, rng.integers(0, 9), 7)) for _ in range(12)]

@@ -200,8 +200,9 @@ def default_sidecar(files: Sequence[Path], roots: Iterable[Path]) -> Path:
     """Where statistics of ``files`` are cached when no path is given.
 
     The sidecar goes in the folder the user named (a single folder), else in the deepest
-    folder holding every file. When that folder is not writable (shared, read-only data), it
-    goes in ``$XDG_CACHE_HOME/geocmid/stats`` (default ``~/.cache``), named after the folder.
+    folder holding every file. When that folder is not writable (shared, read-only data), or
+    when ``$GEOCMID_STATS_DIR`` is set (keep data folders untouched), it goes in that folder or
+    else in ``$XDG_CACHE_HOME/geocmid/stats`` (default ``~/.cache``), named after the folder.
 
     Args:
         files: the rasters.
@@ -215,11 +216,13 @@ def default_sidecar(files: Sequence[Path], roots: Iterable[Path]) -> Path:
         anchor = folders[0].absolute()
     else:
         anchor = Path(os.path.commonpath([os.path.abspath(p.parent) for p in files]))
-    if os.access(anchor, os.W_OK | os.X_OK):
+    stats_dir = os.environ.get('GEOCMID_STATS_DIR')
+    if not stats_dir and os.access(anchor, os.W_OK | os.X_OK):
         return anchor / SIDECAR_NAME
     cache_home = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
+    folder = Path(stats_dir) if stats_dir else cache_home / 'geocmid' / 'stats'
     name = hashlib.sha256(str(anchor).encode()).hexdigest()[:16]
-    return cache_home / 'geocmid' / 'stats' / f'{name}.stats.json'
+    return folder / f'{name}.stats.json'
 
 
 def load_cached(path: Path, digest: str) -> BandStats | None:
