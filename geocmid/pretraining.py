@@ -126,6 +126,7 @@ def _patch_arguments(config: PretrainConfig, data: PretrainDataModule) -> dict[s
         'band_names': data.band_names,
         'mean': data.mean.tolist(),
         'std': data.std.tolist(),
+        'max_value': data.max_value,
         'samples_per_epoch': data.samples_per_epoch,
     }
 
@@ -134,7 +135,6 @@ def _gersp_arguments(config: PretrainConfig, data: PretrainDataModule) -> dict[s
     """GeRSP also takes the rasters' full scale and the natural images' classes and statistics."""
     assert isinstance(data, GeRSPDataModule)  # METHODS pairs GeRSP with its data module
     return _patch_arguments(config, data) | {
-        'max_value': data.max_value,
         'num_classes': data.num_classes,
         'natural_mean': data.natural_mean.tolist(),
         'natural_std': data.natural_std.tolist(),
@@ -143,7 +143,8 @@ def _gersp_arguments(config: PretrainConfig, data: PretrainDataModule) -> dict[s
 
 #: Task arguments :func:`_patch_arguments` sets.
 _PATCH_KEYS = (
-    'backbone', 'in_channels', 'patch_size', 'band_names', 'mean', 'std', 'samples_per_epoch'
+    'backbone', 'in_channels', 'patch_size', 'band_names', 'mean', 'std', 'max_value',
+    'samples_per_epoch',
 )
 
 #: Registered methods.
@@ -151,7 +152,7 @@ METHODS: dict[str, Method] = {
     'cmid': Method(CMID, _PATCH_KEYS, _patch_arguments),
     'gersp': Method(
         GeRSP,
-        (*_PATCH_KEYS, 'max_value', 'num_classes', 'natural_mean', 'natural_std'),
+        (*_PATCH_KEYS, 'num_classes', 'natural_mean', 'natural_std'),
         _gersp_arguments,
         GeRSPDataModule,
         lambda config: {'natural_images': config.natural_images},

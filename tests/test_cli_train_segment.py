@@ -18,17 +18,9 @@ from geocmid.io.cards import ModelCard, read_card, write_card
 from geocmid.io.cog import default_classes
 from geocmid.models.weights import save_encoder
 from geocmid.training import RUN_OUTPUTS, load_segmentation_model, parse_classes, prepare_run_dir
-from geocmid_cli.main import cli, main
-from geocmid_cli.train import train
+from geocmid_cli.main import main
 
 X0, Y0 = 500000.0, 4000000.0  # upper-left corner of conftest's rasters (1 m pixels)
-
-
-@pytest.fixture(autouse=True)
-def registered() -> None:
-    """`train` as the lead registers it in cli/main.py (a no-op once it is)."""
-    if 'train' not in cli.commands:
-        cli.add_command(train)
 
 
 def run(argv: list[str]) -> int:

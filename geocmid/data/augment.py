@@ -6,6 +6,8 @@ Each sampled patch (B, C, S, S), already normalised, yields two crops (spec cmid
 * crop B: an independent crop and flip, then the photometric set (colour jitter, blur, noise,
   solarisation, grayscale for RGB; brightness, contrast, blur and noise for other bands).
 
+GeRSP's views need no geometry: :func:`moco_view` is one MoCo v1 view (spec gersp.md 4.2).
+
 Every crop is described by its box in patch pixels and its flip flag (:class:`CropGeometry`), so the
 local branch can match tokens by where they really lie in the patch (geocmid's fix of defect D2,
 see :mod:`geocmid.models.matching`).
@@ -41,6 +43,7 @@ __all__ = (
     'View',
     'band_photometric',
     'crop_to_geometry',
+    'moco_view',
     'rgb_photometric',
 )
 
@@ -341,3 +344,56 @@ class TwoViewAugmentation(nn.Module):
         view_a = self.cut(image, valid)
         view_b = self.cut(image, valid)
         return view_a, replace(view_b, image=self.photometric(view_b.image))
+
+
+def moco_view(
+    size: int,
+    mean: Sequence[float] | Tensor,
+    std: Sequence[float] | Tensor,
+    *,
+    max_value: float = 255.0,
+    rgb: bool = False,
+    scale: tuple[float, float] = (0.2, 1.0),
+) -> K.ImageSequential:
+    """One MoCo v1 view of a normalised batch, GeRSP's augmentation (spec gersp.md 4.2).
+
+    In MoCo v1 order: RandomResizedCrop to ``size`` (area ``scale``), then for RGB grayscale
+    (p 0.2) and colour jitter (brightness, contrast, saturation and hue 0.4, always applied), then
+    a horizontal flip. As in :func:`rgb_photometric`, RGB is jittered on the [0, 1] scale and
+    normalised again. Other bands get no hue, saturation or grayscale, which mix bands; brightness
+    and contrast (0.4) become the affine changes of :func:`band_photometric`, always applied.
+
+    Args:
+        size: Side of the square output in pixels.
+        mean: Per-band mean the batch was normalised with, in raw data units.
+        std: Per-band standard deviation the batch was normalised with, in raw data units.
+        max_value: Raw value of full scale, which maps raw units to [0, 1] for RGB.
+        rgb: Whether the three bands are red, green and blue.
+        scale: Range of the crop area as a fraction of the input area.
+
+    Returns:
+        A Kornia pipeline mapping normalised (B, C, H, W) to normalised (B, C, size, size).
+
+    Raises:
+        InputError: If ``rgb`` is set for other than 3 bands.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float32).flatten() / max_value
+    std = torch.as_tensor(std, dtype=torch.float32).flatten() / max_value
+    if rgb and mean.numel() != 3:
+        raise InputError('rgb', f'needs exactly 3 bands, got {mean.numel()}')
+    photometric: list[nn.Module]
+    if rgb:
+        photometric = [
+            K.Denormalize(mean, std),
+            K.RandomGrayscale(p=0.2),
+            K.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, p=1.0),
+            K.Normalize(mean, std),
+        ]
+    else:
+        photometric = [
+            K.RandomBrightness((0.6, 1.4), clip_output=False, p=1.0),
+            K.RandomContrast((0.6, 1.4), clip_output=False, p=1.0),
+        ]
+    return K.ImageSequential(
+        K.RandomResizedCrop((size, size), scale=scale), *photometric, K.RandomHorizontalFlip()
+    )

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from .masking import resize_mask
 
-__all__ = ('MaskedEncoder', 'check_patch_size', 'create_encoder')
+__all__ = ('MaskedEncoder', 'check_patch_size', 'create_encoder', 'is_swin')
 
 #: Every geocmid encoder has an output stride of 32 (block masks and the MIM decoder rely on it).
 REDUCTION = 32
@@ -35,7 +35,8 @@ REDUCTION = 32
 _SWIN_TYPES = (SwinTransformer, SwinTransformerV2)
 
 
-def _is_swin(model: nn.Module) -> bool:
+def is_swin(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm Swin Transformer (built for one input size)."""
     return isinstance(model, _SWIN_TYPES)
 
 
@@ -62,7 +63,7 @@ def _architecture(backbone: str, **timm_kwargs: Any) -> nn.Module:
 def _required_multiple(model: nn.Module) -> int:
     """Smallest patch size step ``model`` accepts: 32, and for a Swin whole windows per stage."""
     steps = [REDUCTION]
-    if _is_swin(model):
+    if is_swin(model):
         for stage, info in zip(model.layers, model.feature_info, strict=True):
             steps += [info['reduction'] * side for side in stage.blocks[0].window_size]
     return math.lcm(*steps)
@@ -123,7 +124,7 @@ def create_encoder(
     architecture = _architecture(backbone, **timm_kwargs)
     _check_patch_size(architecture, backbone, patch_size)
     timm_kwargs.setdefault('drop_path_rate', 0.0)
-    if _is_swin(architecture):
+    if is_swin(architecture):
         timm_kwargs['img_size'] = patch_size
     return _build(backbone, in_chans=in_chans, **timm_kwargs)
 
@@ -150,7 +151,7 @@ class MaskedEncoder(nn.Module):
         self.in_chans = in_chans
         self.patch_size = patch_size
         self.encoder = create_encoder(backbone, in_chans, patch_size, **timm_kwargs)
-        self.is_swin = _is_swin(self.encoder)
+        self.is_swin = is_swin(self.encoder)
         #: Channels of the last-stage map.
         self.num_features: int = self.encoder.num_features
         #: Output stride of the last-stage map.
