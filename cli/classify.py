@@ -1,0 +1,90 @@
+"""`geocmid classify` (predict a chip folder to CSV) and `geocmid train classify` (fine-tune)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .evaluate import BANDS
+
+
+@click.command()
+@click.argument('images', type=click.Path(path_type=Path))
+@click.option(
+    '--model', required=True, type=click.Path(path_type=Path),
+    help='A run folder written by `geocmid train classify`.',
+)
+@click.option('-o', '--output', required=True, type=click.Path(path_type=Path), help='CSV file.')
+@click.option('--batch-size', type=int, help='Chips per forward pass (default 32).')
+@click.option('--workers', type=int, help='Data-loading processes (default 0).')
+@click.option('--device', help="Torch device, e.g. 'cpu' or 'cuda'; default CUDA if any.")
+@click.option('--overwrite', is_flag=True, help='Replace an existing output file.')
+def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
+    """Predict the class of every chip under IMAGES, writing one CSV row per chip.
+
+    Columns: path (relative to IMAGES), class, probability, then p_<class> for every class.
+    """
+    from geocmid.classification import classify_folder
+
+    given = {key: value for key, value in options.items() if value is not None}
+    table = classify_folder(model, images, output, **given)
+    counts = ', '.join(f'{name} {count}' for name, count in table['class'].value_counts().items())
+    click.echo(f'{len(table)} chips classified ({counts}): {output}')
+
+
+@click.command('classify')
+@click.option(
+    '--images', type=click.Path(path_type=Path),
+    help='Labelled chip folder (one sub-folder per class), split with --split.',
+)
+@click.option('--train', type=click.Path(path_type=Path), help='Labelled training folder.')
+@click.option('--test', type=click.Path(path_type=Path), help='Labelled validation folder.')
+@click.option('-o', '--output', type=click.Path(path_type=Path), help='Run folder to write.')
+@click.option(
+    '--encoder', type=click.Path(path_type=Path),
+    help='encoder.pt (with model_card.json beside it) or a pretraining run folder; '
+    'default: random initialisation of --backbone.',
+)
+@click.option('--backbone', help="timm encoder without --encoder (default 'resnet50').")
+@click.option('--bands', type=BANDS, help="Chip bands, 1-based, in the encoder's order.")
+@click.option('--split', type=float, help='Share of each class used for training (default 0.8).')
+@click.option('--patch-size', type=int, help="Chip side in pixels; default the card's (else 224).")
+@click.option(
+    '--freeze-encoder', is_flag=True, default=None, help='Train the classifier only.'
+)
+@click.option('--epochs', type=int, help='Training epochs (default 20 unless --max-steps).')
+@click.option('--max-steps', type=int, help='Optimiser steps; stops at the first limit reached.')
+@click.option('--batch-size', type=int, help='Chips per step (default 32).')
+@click.option('--lr', type=float, help='Learning rate (default 0.001).')
+@click.option('--workers', type=int, help='Data-loading processes (default 0).')
+@click.option('--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'.")
+@click.option('--precision', help="'32' (default), 'bf16-mixed' or '16-mixed'.")
+@click.option('--seed', type=int, help='Random seed (default 0).')
+@click.option(
+    '--config', 'config_file', type=click.Path(path_type=Path),
+    help='YAML file with any of these settings (and loss, log_every_n_steps); '
+    'command-line options win.',
+)
+@click.option('--overwrite', is_flag=True, help='Replace the outputs of an existing run folder.')
+@click.option('--quiet', is_flag=True, help='No progress bar.')
+def train_classify(config_file: Path | None, overwrite: bool, quiet: bool, **options: Any) -> None:
+    """Fine-tune a scene classifier on labelled chips, writing -o RUN_DIR.
+
+    RUN_DIR receives model.ckpt, model_card.json (bands, normalisation, patch size, classes,
+    encoder provenance), config.yaml and logs/ (loss and accuracy per epoch).
+    """
+    from geocmid.classification import ClassifyConfig, train_classification
+    from geocmid.config import resolve
+
+    config = resolve(ClassifyConfig, config_file, options)
+    result = train_classification(config, overwrite=overwrite, progress=not quiet)
+    accuracy = result.metrics.get('val_OverallAccuracy')
+    loss = result.metrics.get('train_loss', float('nan'))
+    summary = f'step {result.global_step}: train_loss {loss:.4f}'
+    if accuracy is not None:
+        summary += f', val top-1 {accuracy:.4f}'
+    click.echo(summary)
+    click.echo(f'model: {result.model}')
+    click.echo(f'model card: {result.model_card}')
