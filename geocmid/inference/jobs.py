@@ -28,8 +28,9 @@ type RunnerFactory[J, R] = Callable[[torch.device], Callable[[J], R]]
 #: Called with the input's name and its error when a job fails and ``fail_fast`` is off.
 type ErrorHandler = Callable[[str, InputError], None]
 
-# The runner of a worker process, built by _start_worker.
+# The runner of a worker process, built by _start_worker, or why it could not be built.
 _runner: Callable[[object], object] | None = None
+_failure: Exception | None = None
 
 
 def resolve_device(device: torch.device | str = 'auto') -> torch.device:
@@ -161,14 +162,21 @@ def _run_on_workers[J, R](
 
 def _start_worker(devices: multiprocessing.Queue, runner: RunnerFactory) -> None:
     """Pin this worker process to the next free device and build its runner."""
-    global _runner
+    global _runner, _failure
     device = torch.device(devices.get())
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    _runner = runner(device)
+    try:
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        _runner = runner(device)
+    except Exception as exc:  # noqa: BLE001 - re-raised by every job of this worker
+        # An initializer that raises breaks the whole pool with a bare BrokenProcessPool;
+        # raised from the jobs instead, the error itself reaches the caller.
+        _failure = exc
 
 
 def _run_job(job: object) -> object:
     """Run one job in a worker process."""
+    if _failure is not None:
+        raise _failure
     assert _runner is not None, 'worker started without a runner'
     return _runner(job)

@@ -1,0 +1,185 @@
+"""`geocmid segment`: class polygons (GeoPackage) and label COGs of one or many scenes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from geocmid.errors import InputError
+
+if TYPE_CHECKING:
+    from geocmid.inference.segment import SegmentResult
+
+#: What click gives ``--raster`` / ``--probabilities`` when they come without a path.
+_BESIDE = '<beside the output>'
+
+
+def _devices(value: str) -> int | list[str]:
+    """``--devices``: a number of GPUs, or a comma-separated device list."""
+    if value.strip().isdigit():
+        return int(value)
+    return [item.strip() for item in value.split(',') if item.strip()]
+
+
+def _resolution(value: str) -> float | str:
+    """``--resolution``: 'scene', 'model' or metres."""
+    if value in ('scene', 'model'):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        problem = f"must be 'scene', 'model' or a number of metres, not {value!r}"
+        raise InputError('--resolution', problem) from None
+
+
+def _bands(value: str | None) -> list[int | str] | None:
+    """``--bands 1,2,3`` (or band names) -> ``[1, 2, 3]``."""
+    if value is None:
+        return None
+    items = [item.strip() for item in value.split(',') if item.strip()]
+    return [int(item) if item.isdigit() else item for item in items]
+
+
+def _summary(name: str, result: SegmentResult) -> str:
+    """One line per scene: polygons by class, their area and the files written."""
+    polygons = result.polygons
+    counts = ', '.join(f'{n} {c}' for c, n in polygons['class_name'].value_counts().items())
+    line = f'{name}: {len(polygons)} polygon(s)' + (f' ({counts})' if counts else '')
+    line += f', {polygons["area_m2"].sum() / 1e4:.2f} ha'
+    if result.paths:
+        line += f' -> {", ".join(map(str, result.paths))}'
+    return line
+
+
+@click.command()
+@click.argument(
+    'scenes', nargs=-1, required=True, metavar='SCENE...', type=click.Path(path_type=Path)
+)
+@click.option(
+    '-o', '--output', required=True, type=click.Path(path_type=Path),
+    help='A .gpkg for one scene; otherwise a folder receiving <name>.gpkg and <name>.tif per '
+    'scene.',
+)  # fmt: skip
+@click.option(
+    '--model', required=True, type=click.Path(path_type=Path),
+    help='Run folder of `geocmid train segment` (model.ckpt and model_card.json).',
+)  # fmt: skip
+@click.option(
+    '--raster', is_flag=False, flag_value=_BESIDE, default=None,
+    help='One scene: also write the label COG here (without a path: beside the .gpkg). A '
+    'folder output always gets <name>.tif.',
+)  # fmt: skip
+@click.option(
+    '--probabilities', is_flag=False, flag_value=_BESIDE, default=None,
+    help='Also write the class probabilities as a COG here; without a path (and with a '
+    'folder output) as <name>_probabilities.tif.',
+)  # fmt: skip
+@click.option('--tile', type=int, help="Window size in pixels (default the model card's).")
+@click.option('--overlap', type=int, help='Window overlap in pixels (default tile / 4).')
+@click.option(
+    '--blend', type=click.Choice(['cosine', 'linear', 'gaussian', 'none']), default='cosine',
+    show_default=True, help="How overlapping windows are combined ('none': crop-centre).",
+)  # fmt: skip
+@click.option(
+    '--batch-size', type=int, default=4, show_default=True, help='Windows per forward pass.'
+)
+@click.option(
+    '--min-area', type=float, default=0.0, show_default=True, help='Smallest polygon kept (m²).'
+)
+@click.option(
+    '--simplify', type=float, default=0.0, show_default=True,
+    help='Simplification tolerance (m); neighbouring polygons stay gap-free.',
+)  # fmt: skip
+@click.option(
+    '--resolution', default='scene', show_default=True,
+    help="Grid the model sees: 'scene' (its own), 'model' (the card's ground resolution) or "
+    'metres. Outputs are always on the scene grid.',
+)  # fmt: skip
+@click.option(
+    '--bands', help="Scene bands to feed the model, 1-based or names ('1,2,3'); default the "
+    "card's.",
+)  # fmt: skip
+@click.option('--nodata', type=float, help="Override or supply the scenes' nodata value.")
+@click.option(
+    '--probability-dtype', type=click.Choice(['uint8', 'float32']), default='uint8',
+    show_default=True, help='Storage of the probabilities.',
+)  # fmt: skip
+@click.option(
+    '--device', default='auto', show_default=True, help="'auto', 'cpu', 'cuda', 'cuda:1'..."
+)
+@click.option(
+    '--devices', default='1', show_default=True,
+    help='Spread the scenes over N GPUs (one worker process each), or over a list of devices '
+    "('cuda:0,cuda:2'; 'cpu,cpu' for two CPU workers).",
+)  # fmt: skip
+@click.option('--overwrite', is_flag=True, help='Replace existing outputs.')
+@click.option('--fail-fast', is_flag=True, help='With many scenes, stop at the first bad one.')
+@click.option('--quiet', is_flag=True, help='No progress bar.')
+def segment(
+    scenes: tuple[Path, ...],
+    output: Path,
+    model: Path,
+    raster: str | None,
+    probabilities: str | None,
+    resolution: str,
+    bands: str | None,
+    devices: str,
+    fail_fast: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Segment SCENE... with a trained model: class polygons, label and probability COGs.
+
+    SCENE may be files, folders (searched for rasters) or quoted glob patterns ('tiles/*.tif').
+    Scenes are read with the bands and normalisation of the model card; outputs lie on each
+    scene's grid and CRS, with nodata where the scene has none. Class 0 (background) is not
+    polygonised. With many scenes, a bad scene is reported and the others still run (unless
+    --fail-fast); the exit status is then 2.
+    """
+    from geocmid.api import segment as segment_scene
+    from geocmid.api import segment_scenes
+    from geocmid.inference.segment import find_scenes
+
+    settings = dict(resolution=_resolution(resolution), bands=_bands(bands), **options)
+    workers = _devices(devices)
+    if output.suffix.lower() == '.gpkg':
+        paths = find_scenes(scenes)
+        if len(paths) > 1:
+            raise InputError(output, f'{len(paths)} scenes need an output folder, not a .gpkg')
+        if workers != 1:
+            raise InputError('--devices', 'spreads many scenes over devices; give one --device')
+        beside = {
+            'raster': output.with_suffix('.tif'),
+            'probabilities': output.with_name(f'{output.stem}_probabilities.tif'),
+        }
+        rasters = {
+            name: beside[name] if value == _BESIDE else value
+            for name, value in (('raster', raster), ('probabilities', probabilities))
+        }
+        result = segment_scene(
+            paths[0], model, vector=output, progress=not quiet, **rasters, **settings
+        )
+        click.echo(_summary(paths[0].stem, result))
+        return
+    for name, value in (('--raster', raster), ('--probabilities', probabilities)):
+        if value not in (None, _BESIDE):
+            raise click.UsageError(
+                f'with an output folder, {name} takes no path: files are named after the scenes'
+            )
+    failed: list[InputError] = []
+
+    def report(name: str, error: InputError) -> None:
+        failed.append(error)
+        click.echo(f'error: {error}', err=True)
+
+    results = segment_scenes(
+        scenes, model, output, probabilities=probabilities is not None, devices=workers,
+        fail_fast=fail_fast, on_error=report, progress=not quiet, **settings,
+    )  # fmt: skip
+    for name, result in results.items():
+        click.echo(_summary(name, result))
+    if failed:
+        total = len(failed) + len(results)
+        raise InputError(output, f'{len(failed)} of {total} scene(s) failed (see above)')
