@@ -9,6 +9,8 @@ import click
 
 from geocmid.errors import InputError
 
+from .options import echo_fine_tuning, run_folder_options
+
 if TYPE_CHECKING:
     from geocmid.inference.change import ChangeResult
 
@@ -203,8 +205,7 @@ def change(
     help='YAML file with any of these settings and more (lr, loss, pos_weight, nodata, '
     'samples_per_epoch, ...); command-line options win.',
 )
-@click.option('--overwrite', is_flag=True, help='Replace the outputs of an existing run folder.')
-@click.option('--quiet', is_flag=True, help='No progress bar.')
+@run_folder_options
 def train_change(
     config_file: Path | None, overwrite: bool, quiet: bool, bands: str | None, **options: object
 ) -> None:
@@ -231,7 +232,4 @@ def train_change(
         'val_OverallF1Score': 'val F1 (change)',
         'val_OverallJaccardIndex': 'val IoU (change)',
     }
-    values = [f'{name} {result.metrics[k]:.4f}' for k, name in shown.items() if k in result.metrics]
-    click.echo(f'step {result.global_step}: {", ".join(values)}')
-    click.echo(f'model: {result.model}')
-    click.echo(f'model card: {result.model_card}')
+    echo_fine_tuning(result, shown)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .evaluate import BANDS
+from .options import BANDS, echo_fine_tuning, run_folder_options
 
 
 @click.command()
@@ -67,8 +67,7 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
     help='YAML file with any of these settings (and loss, log_every_n_steps); '
     'command-line options win.',
 )
-@click.option('--overwrite', is_flag=True, help='Replace the outputs of an existing run folder.')
-@click.option('--quiet', is_flag=True, help='No progress bar.')
+@run_folder_options
 def train_classify(config_file: Path | None, overwrite: bool, quiet: bool, **options: Any) -> None:
     """Fine-tune a scene classifier on labelled chips, writing -o RUN_DIR.
 
@@ -80,11 +79,4 @@ def train_classify(config_file: Path | None, overwrite: bool, quiet: bool, **opt
 
     config = resolve(ClassifyConfig, config_file, options)
     result = train_classification(config, overwrite=overwrite, progress=not quiet)
-    accuracy = result.metrics.get('val_OverallAccuracy')
-    loss = result.metrics.get('train_loss', float('nan'))
-    summary = f'step {result.global_step}: train_loss {loss:.4f}'
-    if accuracy is not None:
-        summary += f', val top-1 {accuracy:.4f}'
-    click.echo(summary)
-    click.echo(f'model: {result.model}')
-    click.echo(f'model card: {result.model_card}')
+    echo_fine_tuning(result, {'train_loss': 'train_loss', 'val_OverallAccuracy': 'val top-1'})

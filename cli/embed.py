@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .evaluate import BANDS
+from .options import BANDS
 
 
 @click.command()

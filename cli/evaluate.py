@@ -8,25 +8,7 @@ from typing import Any
 
 import click
 
-
-class BandIndices(click.ParamType):
-    """``'1,2,3'`` -> ``[1, 2, 3]``: 1-based band indices, comma-separated."""
-
-    name = 'bands'
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> list[int]:
-        """Parse the comma-separated list, failing as a usage error (exit 2)."""
-        if isinstance(value, list):
-            return value
-        items = [item.strip() for item in str(value).split(',') if item.strip()]
-        if not items or not all(item.isdigit() and int(item) > 0 for item in items):
-            self.fail(f'expected 1-based band indices such as 1,2,3, got {value!r}', param, ctx)
-        return [int(item) for item in items]
-
-
-BANDS = BandIndices()
+from .options import BANDS
 
 
 def _common_options(command: Callable[..., None]) -> Callable[..., None]:

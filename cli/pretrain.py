@@ -6,13 +6,7 @@ from pathlib import Path
 
 import click
 
-
-def _parse_bands(value: str | None) -> list[int | str] | None:
-    """``'1,2,3'`` -> ``[1, 2, 3]``; band names stay strings (``'red,nir'``)."""
-    if value is None:
-        return None
-    items = [item.strip() for item in value.split(',') if item.strip()]
-    return [int(item) if item.isdigit() else item for item in items]
+from .options import parse_bands, run_folder_options
 
 
 @click.command()
@@ -53,8 +47,7 @@ def _parse_bands(value: str | None) -> list[int | str] | None:
     help='Continue from RUN_DIR/checkpoints/last.ckpt; --config RUN_DIR/config.yaml repeats '
     "the run's settings.",
 )
-@click.option('--overwrite', is_flag=True, help='Replace the outputs of an existing run folder.')
-@click.option('--quiet', is_flag=True, help='No progress bar.')
+@run_folder_options
 def pretrain(
     config_file: Path | None,
     resume: bool,
@@ -72,7 +65,7 @@ def pretrain(
     """
     from geocmid.pretraining import load_pretrain_config, run_pretraining
 
-    config = load_pretrain_config(config_file, bands=_parse_bands(bands), **options)
+    config = load_pretrain_config(config_file, bands=parse_bands(bands), **options)
     result = run_pretraining(config, resume=resume, overwrite=overwrite, progress=not quiet)
     losses = ', '.join(f'{key} {value:.4f}' for key, value in sorted(result.metrics.items()))
     click.echo(f'step {result.global_step}: {losses}')

@@ -6,18 +6,7 @@ from pathlib import Path
 
 import click
 
-
-def _split_list(value: str | None) -> list[str] | None:
-    """``'a, b,c'`` -> ``['a', 'b', 'c']``; None stays None (not given)."""
-    if value is None:
-        return None
-    return [item.strip() for item in value.split(',') if item.strip()]
-
-
-def _parse_bands(value: str | None) -> list[int | str] | None:
-    """``'1,2,3'`` -> ``[1, 2, 3]``; band names stay strings (``'red,nir'``)."""
-    items = _split_list(value)
-    return None if items is None else [int(item) if item.isdigit() else item for item in items]
+from .options import echo_fine_tuning, parse_bands, run_folder_options, split_list
 
 
 @click.group()
@@ -70,8 +59,7 @@ def train() -> None:
     help='YAML file with any of these settings and more (lr, loss, val_fraction, block_size, '
     'samples_per_epoch, ...); command-line options win.',
 )
-@click.option('--overwrite', is_flag=True, help='Replace the outputs of an existing run folder.')
-@click.option('--quiet', is_flag=True, help='No progress bar.')
+@run_folder_options
 def segment(
     config_file: Path | None,
     overwrite: bool,
@@ -93,14 +81,10 @@ def segment(
     config = resolve(
         SegmentConfig,
         config_file,
-        {'classes': _split_list(classes), 'bands': _parse_bands(bands), **options},
+        {'classes': split_list(classes), 'bands': parse_bands(bands), **options},
     )
     result = train_segmentation(config, overwrite=overwrite, progress=not quiet)
-    shown = {'train_loss': 'train loss', 'val_AverageJaccardIndex': 'val mIoU'}
-    values = [f'{name} {result.metrics[k]:.4f}' for k, name in shown.items() if k in result.metrics]
-    click.echo(f'step {result.global_step}: {", ".join(values)}')
-    click.echo(f'model: {result.model}')
-    click.echo(f'model card: {result.model_card}')
+    echo_fine_tuning(result, {'train_loss': 'train loss', 'val_AverageJaccardIndex': 'val mIoU'})
 
 
 # `train classify` lives in cli/classify.py beside `geocmid classify`, which predicts with it.

@@ -1,6 +1,6 @@
 """Change-detection fine-tuning runs: what change adds to the shared run machinery.
 
-The run folder, trainer and export come from :mod:`geocmid.training` (``model.ckpt``,
+The run folder, trainer and export come from :mod:`geocmid.runs` and :mod:`geocmid.training` (``model.ckpt``,
 ``model_card.json``, ``config.yaml`` and CSV ``logs/``); this module supplies the settings,
 the data module of labelled pairs (:class:`~geocmid.data.change_datamodule.ChangeDataModule`),
 the siamese task (:class:`~geocmid.tasks.change.Change`) and the card of a change model.
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning
-import yaml
 from lightning.pytorch.utilities import rank_zero_only
 from pyproj import CRS
 from torch import nn
@@ -24,18 +23,16 @@ from .data.change_datamodule import ChangeDataModule
 from .data.change_patches import PairRegion
 from .data.pairs import align_pair
 from .errors import InputError
-from .io.atomic import atomic_output
 from .io.cards import ClassInfo, ModelCard, read_card
-from .models.weights import load_encoder, sha256_file
+from .runs import Precision, build_trainer, check_run_dir, metres_per_pixel, write_run_config
 from .tasks.change import Change
 from .training import (
-    MODEL_NAME,
-    Precision,
     RunResult,
-    _metres_per_pixel,
-    build_trainer,
-    check_run_dir,
+    encoder_provenance,
+    encoder_weights,
     export_run,
+    fit,
+    load_trained,
     prepare_run_dir,
 )
 
@@ -129,7 +126,7 @@ def train_change(
             raise InputError(f'--{name}', 'is required')
     run_dir = Path(config.output)  # type: ignore[arg-type]
     if rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 has filled the folder
-        check_run_dir(run_dir, overwrite)
+        check_run_dir(run_dir, overwrite=overwrite)
     encoder_card = read_card(config.encoder) if config.encoder is not None else None
     data = ChangeDataModule(
         config.pairs,  # type: ignore[arg-type]
@@ -147,19 +144,11 @@ def train_change(
     weights = None
     if config.encoder is not None:
         assert encoder_card is not None
-        if encoder_card.in_chans != data.in_channels:
-            raise InputError(
-                config.encoder,
-                f'encoder takes {encoder_card.in_chans} band(s) ({", ".join(encoder_card.bands)}) '
-                f'but the pairs give {data.in_channels}; select bands with --bands',
-            )
-        encoder, _ = load_encoder(config.encoder, in_chans=data.in_channels)
-        weights = encoder.state_dict()
+        weights = encoder_weights(config.encoder, encoder_card, data.in_channels, 'the pairs')
 
     if rank_zero_only.rank == 0:
         prepare_run_dir(run_dir, overwrite)
-        with atomic_output(run_dir / 'config.yaml', overwrite=True) as tmp:
-            Path(tmp).write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+        write_run_config(run_dir, config)
 
     lightning.seed_everything(config.seed, workers=True, verbose=False)
     task = Change(
@@ -185,11 +174,7 @@ def train_change(
         validate=validate,
         progress=progress,
     )
-    trainer.fit(task, datamodule=data)
-    if validate:
-        # Epoch-end validation misses the steps after the last full epoch (always, with
-        # --max-steps), so the exported model itself is validated once more.
-        trainer.validate(task, datamodule=data, verbose=False)
+    fit(trainer, task, data, validate=validate)
     return export_run(trainer, run_dir, _change_card(config, data, encoder_card))
 
 
@@ -206,18 +191,7 @@ def load_change_model(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, Model
     Raises:
         InputError: No card or checkpoint, a card of another task, or an unreadable checkpoint.
     """
-    card = read_card(run_dir)
-    if card.task != 'change':
-        raise InputError(
-            run_dir, f'not a change model (task: {card.task}); pass an encoder with --encoder'
-        )
-    checkpoint = Path(run_dir) / MODEL_NAME
-    if not checkpoint.is_file():
-        raise InputError(run_dir, f'no {MODEL_NAME} in this folder')
-    try:
-        task = Change.load_from_checkpoint(checkpoint, map_location='cpu')
-    except (KeyError, RuntimeError, EOFError, ValueError, TypeError) as exc:
-        raise InputError(checkpoint, f'cannot load change model ({exc})') from None
+    task, card = load_trained(run_dir, Change, 'change', '; pass an encoder with --encoder')
     return task.model.eval(), card
 
 
@@ -235,13 +209,7 @@ def _change_card(
     provenance: dict[str, Any] = {'decoder': config.decoder}
     if config.encoder is not None:
         assert encoder_card is not None
-        weights = Path(config.encoder)
-        weights = weights / 'encoder.pt' if weights.is_dir() else weights
-        provenance['encoder'] = {
-            'path': str(weights.resolve()),
-            'sha256': sha256_file(weights),
-            'card': encoder_card.to_dict(),
-        }
+        provenance['encoder'] = encoder_provenance(Path(config.encoder), encoder_card)
     return ModelCard(
         method='supervised',
         backbone=encoder_card.backbone if encoder_card is not None else config.backbone,
@@ -251,7 +219,7 @@ def _change_card(
         mean=data.mean.tolist(),
         std=data.std.tolist(),
         patch_size=config.patch_size,
-        resolution=None if crs is None else _metres_per_pixel(CRS.from_user_input(crs), res),
+        resolution=None if crs is None else metres_per_pixel(CRS.from_user_input(crs), res),
         data={
             'pairs': [_summary(region) for region in data.regions],
             'split': {

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import lightning
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 
 from .config import to_plain
@@ -31,17 +30,16 @@ from .data.classification_datamodule import (
 from .errors import InputError
 from .evaluation import DEFAULT_SIZE, extract_features
 from .io.atomic import atomic_output, check_writable
-from .io.cards import ClassInfo, ModelCard, default_band_names, read_card
+from .io.cards import ClassInfo, ModelCard, default_band_names
 from .io.cog import default_classes
-from .models.weights import ENCODER_NAME, load_encoder, sha256_file
+from .models.weights import load_encoder
+from .runs import Precision, build_trainer, check_run_dir, write_run_config
 from .tasks.classification import SceneClassification
 from .training import (
-    MODEL_NAME,
-    Precision,
     RunResult,
-    build_trainer,
-    check_run_dir,
+    encoder_provenance,
     export_run,
+    load_trained,
     prepare_run_dir,
 )
 
@@ -121,7 +119,7 @@ def train_classification(
     if config.output is None:
         raise InputError('--output', 'is required')
     run_dir = Path(config.output)
-    check_run_dir(run_dir, overwrite)
+    check_run_dir(run_dir, overwrite=overwrite)
     encoder, encoder_card = None, None
     if config.encoder is not None:
         encoder, encoder_card = load_encoder(
@@ -154,8 +152,7 @@ def train_classification(
     )
 
     prepare_run_dir(run_dir, overwrite)
-    with atomic_output(run_dir / 'config.yaml', overwrite=True) as tmp:
-        tmp.write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+    write_run_config(run_dir, config)
     lightning.seed_everything(config.seed, workers=True, verbose=False)
     task = SceneClassification(
         model=encoder_card.backbone if encoder_card else config.backbone,
@@ -194,13 +191,7 @@ def _classification_card(
     palette = default_classes(len(chips.classes))
     provenance: dict[str, Any] = {}
     if config.encoder is not None and encoder_card is not None:
-        weights = Path(config.encoder)
-        weights = weights / ENCODER_NAME if weights.is_dir() else weights
-        provenance['encoder'] = {
-            'path': str(weights.resolve()),
-            'sha256': sha256_file(weights),
-            'card': encoder_card.to_dict(),
-        }
+        provenance['encoder'] = encoder_provenance(Path(config.encoder), encoder_card)
     return ModelCard(
         method='supervised',
         backbone=encoder_card.backbone if encoder_card else config.backbone,
@@ -232,16 +223,7 @@ def load_classifier(run_dir: PathLike) -> tuple[nn.Module, ModelCard]:
     Raises:
         InputError: No card or checkpoint, a card of another task, or an unreadable checkpoint.
     """
-    card = read_card(run_dir)
-    if card.task != 'classification':
-        raise InputError(run_dir, f'not a classification model (task: {card.task})')
-    checkpoint = Path(run_dir) / MODEL_NAME
-    if not checkpoint.is_file():
-        raise InputError(run_dir, f'no {MODEL_NAME} in this folder')
-    try:
-        task = SceneClassification.load_from_checkpoint(checkpoint, map_location='cpu')
-    except (KeyError, RuntimeError, EOFError, ValueError) as exc:
-        raise InputError(checkpoint, f'cannot load classification model ({exc})') from None
+    task, card = load_trained(run_dir, SceneClassification, 'classification')
     return task.model.eval(), card
 
 

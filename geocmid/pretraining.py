@@ -10,23 +10,19 @@ A run folder holds everything one pretraining run produces::
 
 Methods plug in through :data:`METHODS`: a method names its task class and how the run's settings
 and data become that task's keyword arguments; everything else (data, trainer, outputs) is shared.
+The run folder and trainer are those of every run (:mod:`geocmid.runs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning
-import yaml
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchgeo.tasks import BaseTask
 
@@ -35,14 +31,15 @@ from .config import parse_values, resolve, signature_hints, to_plain
 from .data.gersp_datamodule import GeRSPDataModule
 from .data.pretrain_datamodule import PretrainDataModule
 from .errors import InputError
-from .io.atomic import atomic_output
 from .io.cards import ModelCard, write_card
 from .models.backbones import check_patch_size
 from .models.weights import save_encoder
+from .runs import Precision, build_trainer, check_run_dir, prepare_run_dir, write_run_config
 from .tasks.cmid import CMID
 from .tasks.gersp import GeRSP
 
-Precision = Literal['32', 'bf16-mixed', '16-mixed']
+#: What a run writes into its folder; ``--overwrite`` removes exactly these, nothing else.
+RUN_OUTPUTS = ('checkpoints', 'logs', 'encoder.pt', 'model_card.json', 'config.yaml')
 
 
 @dataclass(frozen=True)
@@ -234,7 +231,7 @@ def run_pretraining(
     # Other DDP ranks run this function again once rank 0 has filled the folder.
     first_rank = rank_zero_only.rank == 0
     if first_rank:
-        _check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     check_patch_size(config.backbone, config.patch_size)
 
     data = method.data_class(
@@ -251,13 +248,26 @@ def run_pretraining(
     )
     if first_rank:
         # Only now that the data are known to be usable are earlier outputs removed.
-        _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        with atomic_output(run_dir / 'config.yaml', overwrite=True) as tmp:
-            Path(tmp).write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+        prepare_run_dir(run_dir, RUN_OUTPUTS, overwrite=overwrite, resume=resume)
+        write_run_config(run_dir, config)
 
     lightning.seed_everything(config.seed, workers=True, verbose=False)
     task = method.task_class(**method.run_arguments(config, data), **config.task)
-    trainer = _trainer(config, run_dir, progress)
+    trainer = build_trainer(
+        run_dir,
+        epochs=config.epochs,
+        max_steps=config.max_steps,
+        # The MillionAID schedule of the CMID paper (cmid.md section 10.3).
+        default_epochs=200,
+        devices=config.devices,
+        accelerator=config.accelerator,
+        precision=config.precision,
+        sync_batchnorm=config.sync_batchnorm,
+        log_every_n_steps=config.log_every_n_steps,
+        validate=False,
+        checkpoint_dir=run_dir / 'checkpoints',
+        progress=progress,
+    )
     trainer.fit(task, datamodule=data, ckpt_path=checkpoint if resume else None)
 
     encoder = run_dir / 'encoder.pt'
@@ -275,76 +285,11 @@ def run_pretraining(
     return RunResult(run_dir, checkpoint, encoder, card, trainer.global_step, metrics)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O that writes beside the target and renames into place.
-
-    An interrupted save then never leaves a truncated ``last.ckpt`` that ``--resume`` would fail on.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None
-    ) -> None:
-        """Save ``checkpoint`` to ``path`` atomically."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path, overwrite=True) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-
-
 def _method(name: str, source: str | os.PathLike[str] | None) -> Method:
     if name not in METHODS:
         known = ', '.join(sorted(METHODS))
         raise InputError(source or '--method', f"unknown method '{name}' (known: {known})")
     return METHODS[name]
-
-
-def _check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(run_dir, 'exists and is not a folder')
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or overwrite):
-        raise InputError(run_dir, 'run folder exists and is not empty; use --resume or --overwrite')
-
-
-def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    if overwrite and not resume:
-        # Only what a run writes is removed, so a mistyped path cannot wipe unrelated files.
-        for name in ('checkpoints', 'logs'):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ('encoder.pt', 'model_card.json', 'config.yaml'):
-            (run_dir / name).unlink(missing_ok=True)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(run_dir, f'cannot create run folder ({exc.strerror})') from None
-
-
-def _trainer(config: PretrainConfig, run_dir: Path, progress: bool) -> lightning.Trainer:
-    max_epochs = config.epochs
-    if max_epochs is None:
-        max_epochs = -1 if config.max_steps is not None else 200
-    callbacks: list[lightning.Callback] = [
-        ModelCheckpoint(dirpath=run_dir / 'checkpoints', save_top_k=0, save_last=True)
-    ]
-    if progress:
-        callbacks.append(TQDMProgressBar())
-    return lightning.Trainer(
-        accelerator=config.accelerator,
-        devices=config.devices,
-        strategy='ddp' if config.devices > 1 else 'auto',
-        # The data layer's samplers shard patches by rank themselves (TorchGeo #305).
-        use_distributed_sampler=False,
-        sync_batchnorm=config.sync_batchnorm,
-        precision=config.precision,
-        max_epochs=max_epochs,
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        logger=CSVLogger(run_dir, name='logs'),
-        callbacks=callbacks,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        log_every_n_steps=config.log_every_n_steps,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        plugins=[AtomicCheckpointIO()],
-    )
 
 
 def _model_card(config: PretrainConfig, data: PretrainDataModule, task: BaseTask) -> ModelCard:

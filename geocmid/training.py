@@ -8,47 +8,38 @@ A run folder holds everything one fine-tuning run produces::
     RUN_DIR/model_card.json      bands, normalisation, classes and colours, tile size,
                                  resolution, encoder provenance
 
-The run folder machinery (:func:`prepare_run_dir`, :func:`build_trainer`, :func:`export_run`)
-is shared by every fine-tuning task; :func:`train_segmentation` and
-:func:`load_segmentation_model` are what segmentation adds.
+The run folder machinery (:mod:`geocmid.runs`, and here :func:`prepare_run_dir`,
+:func:`fit`, :func:`export_run`, :func:`load_trained`) is shared by every fine-tuning task;
+:func:`train_segmentation` and :func:`load_segmentation_model` are what segmentation adds.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning
-import yaml
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
-from pyproj import CRS
 from torch import nn
+from torchgeo.tasks import BaseTask
 
+from . import runs
 from .config import to_plain
 from .data.segmentation_datamodule import SegmentationDataModule
 from .errors import InputError
-from .io.atomic import atomic_output
 from .io.cards import ClassInfo, ModelCard, read_card, write_card
 from .io.cog import default_classes
 from .models.weights import ENCODER_NAME, load_encoder, sha256_file
+from .runs import Precision, build_trainer, check_run_dir, metres_per_pixel, write_run_config
 from .tasks.segmentation import Segmentation
 
 #: Name of the trained model inside a run folder.
 MODEL_NAME = 'model.ckpt'
 
-#: Epochs trained when neither ``epochs`` nor ``max_steps`` is set.
-DEFAULT_EPOCHS = 20
-
 #: What a run writes into its folder; ``--overwrite`` removes exactly these, nothing else.
 RUN_OUTPUTS = ('config.yaml', 'logs', MODEL_NAME, 'model_card.json')
-
-Precision = Literal['32', 'bf16-mixed', '16-mixed']
 
 
 @dataclass(frozen=True)
@@ -69,7 +60,7 @@ class SegmentConfig:
         bands: Bands to read (1-based indices or names); default all. Their number must
             match the encoder's.
         freeze_encoder: Train the decoder only.
-        epochs: Training epochs (:data:`DEFAULT_EPOCHS` when neither limit is set).
+        epochs: Training epochs (20 when neither limit is set).
         max_steps: Optimiser steps; training stops at whichever limit comes first.
         batch_size: Patches per device per step.
         patch_size: Side of the square training patches in pixels; the default tile size.
@@ -161,7 +152,7 @@ def train_segmentation(
         raise InputError('--batch-size', 'the upernet decoder trains with batches of 2 or more')
     run_dir = Path(config.output)  # type: ignore[arg-type]
     if rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 has filled the folder
-        check_run_dir(run_dir, overwrite)
+        check_run_dir(run_dir, overwrite=overwrite)
     classes = parse_classes(config.classes) if config.classes is not None else None
 
     encoder_card = read_card(config.encoder) if config.encoder is not None else None
@@ -185,19 +176,11 @@ def train_segmentation(
     weights = None
     if config.encoder is not None:
         assert encoder_card is not None
-        if encoder_card.in_chans != data.in_channels:
-            raise InputError(
-                config.encoder,
-                f'encoder takes {encoder_card.in_chans} band(s) ({", ".join(encoder_card.bands)}) '
-                f'but the rasters give {data.in_channels}; select bands with --bands',
-            )
-        encoder, _ = load_encoder(config.encoder, in_chans=data.in_channels)
-        weights = encoder.state_dict()
+        weights = encoder_weights(config.encoder, encoder_card, data.in_channels, 'the rasters')
 
     if rank_zero_only.rank == 0:
         prepare_run_dir(run_dir, overwrite)
-        with atomic_output(run_dir / 'config.yaml', overwrite=True) as tmp:
-            Path(tmp).write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+        write_run_config(run_dir, config)
 
     lightning.seed_everything(config.seed, workers=True, verbose=False)
     task = Segmentation(
@@ -223,11 +206,7 @@ def train_segmentation(
         validate=data.val_roi is not None,
         progress=progress,
     )
-    trainer.fit(task, datamodule=data)
-    if data.val_roi is not None:
-        # Epoch-end validation misses the steps after the last full epoch (always, with
-        # --max-steps), so the exported model itself is validated once more.
-        trainer.validate(task, datamodule=data, verbose=False)
+    fit(trainer, task, data, validate=data.val_roi is not None)
     colors = [color for _, color in classes] if classes is not None else None
     card = _segmentation_card(config, data, encoder_card, colors)
     return export_run(trainer, run_dir, card)
@@ -246,16 +225,7 @@ def load_segmentation_model(run_dir: str | os.PathLike[str]) -> tuple[nn.Module,
     Raises:
         InputError: No card or checkpoint, a card of another task, or an unreadable checkpoint.
     """
-    card = read_card(run_dir)
-    if card.task != 'segmentation':
-        raise InputError(run_dir, f'not a segmentation model (task: {card.task})')
-    checkpoint = Path(run_dir) / MODEL_NAME
-    if not checkpoint.is_file():
-        raise InputError(run_dir, f'no {MODEL_NAME} in this folder')
-    try:
-        task = Segmentation.load_from_checkpoint(checkpoint, map_location='cpu')
-    except (KeyError, RuntimeError, EOFError, ValueError) as exc:
-        raise InputError(checkpoint, f'cannot load segmentation model ({exc})') from None
+    task, card = load_trained(run_dir, Segmentation, 'segmentation')
     return task.model.eval(), card
 
 
@@ -292,85 +262,54 @@ def parse_classes(specs: list[str]) -> list[tuple[str, tuple[int, int, int] | No
     return parsed
 
 
-def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Fail before any work if ``run_dir`` cannot become a run folder.
-
-    Raises:
-        InputError: ``run_dir`` is a file, or a non-empty folder and ``overwrite`` is False.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(run_dir, 'exists and is not a folder')
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise InputError(run_dir, 'run folder exists and is not empty; use --overwrite')
-
-
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run folder; with ``overwrite``, remove a previous run's outputs first.
-
-    Only :data:`RUN_OUTPUTS` are removed, so a mistyped path cannot wipe unrelated files.
+    """Create a fine-tuning run folder; with ``overwrite``, remove its :data:`RUN_OUTPUTS` first.
 
     Raises:
-        InputError: See :func:`check_run_dir`, or the folder cannot be created.
+        InputError: See :func:`geocmid.runs.check_run_dir`, or the folder cannot be created.
     """
-    check_run_dir(run_dir, overwrite)
-    for name in RUN_OUTPUTS:
-        target = run_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(run_dir, f'cannot create run folder ({exc.strerror})') from None
+    runs.prepare_run_dir(run_dir, RUN_OUTPUTS, overwrite=overwrite)
 
 
-def build_trainer(
-    run_dir: Path,
-    *,
-    epochs: int | None,
-    max_steps: int | None,
-    devices: int = 1,
-    accelerator: str = 'auto',
-    precision: Precision = '32',
-    log_every_n_steps: int = 10,
-    validate: bool = True,
-    progress: bool = True,
-) -> lightning.Trainer:
-    """The Lightning trainer of a fine-tuning run, logging CSV into ``run_dir/logs``.
+def encoder_weights(
+    encoder: Path, card: ModelCard, in_channels: int, source: str
+) -> dict[str, Any]:
+    """The state dict of a pretrained encoder, after checking it takes the data's bands.
 
     Args:
-        run_dir: The run folder.
-        epochs: Epoch limit (:data:`DEFAULT_EPOCHS` when neither limit is set).
-        max_steps: Step limit.
-        devices: Number of devices; more than one trains with DDP.
-        accelerator: Lightning accelerator.
-        precision: Lightning precision.
-        log_every_n_steps: Training-loss logging interval.
-        validate: Run validation each epoch (False when nothing is held out).
-        progress: Show a progress bar.
+        encoder: ``encoder.pt`` or a pretraining run folder.
+        card: Its model card.
+        in_channels: Number of bands the data give.
+        source: What gives them, for the error message (e.g. ``'the rasters'``).
+
+    Raises:
+        InputError: An unreadable encoder, or one that takes another number of bands.
     """
-    if epochs is None:
-        epochs = -1 if max_steps is not None else DEFAULT_EPOCHS
-    return lightning.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy='ddp' if devices > 1 else 'auto',
-        # The training sampler shards patches by rank itself (TorchGeo #305).
-        use_distributed_sampler=False,
-        precision=precision,
-        max_epochs=epochs,
-        max_steps=max_steps if max_steps is not None else -1,
-        logger=CSVLogger(run_dir, name='logs'),
-        callbacks=[TQDMProgressBar()] if progress else [],
-        enable_checkpointing=False,  # the one checkpoint, model.ckpt, is written by export_run
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        log_every_n_steps=log_every_n_steps,
-        num_sanity_val_steps=0,
-        limit_val_batches=None if validate else 0,
-        plugins=[AtomicCheckpointIO()],
-    )
+    if card.in_chans != in_channels:
+        raise InputError(
+            encoder,
+            f'encoder takes {card.in_chans} band(s) ({", ".join(card.bands)}) '
+            f'but {source} give {in_channels}; select bands with --bands',
+        )
+    network, _ = load_encoder(encoder, in_chans=in_channels)
+    return network.state_dict()
+
+
+def fit(
+    trainer: lightning.Trainer,
+    task: lightning.LightningModule,
+    data: lightning.LightningDataModule,
+    *,
+    validate: bool,
+) -> None:
+    """Train ``task``; with ``validate``, validate the final model once more.
+
+    Epoch-end validation misses the steps after the last full epoch (always, with
+    ``--max-steps``), so the exported model itself is validated at the end.
+    """
+    trainer.fit(task, datamodule=data)
+    if validate:
+        trainer.validate(task, datamodule=data, verbose=False)
 
 
 def export_run(trainer: lightning.Trainer, run_dir: Path, card: ModelCard) -> RunResult:
@@ -388,19 +327,37 @@ def export_run(trainer: lightning.Trainer, run_dir: Path, card: ModelCard) -> Ru
     return RunResult(run_dir, model, card_file, trainer.global_step, metrics)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O that writes beside the target and renames into place.
+def load_trained[T: BaseTask](
+    run_dir: str | os.PathLike[str], task_class: type[T], task: str, hint: str = ''
+) -> tuple[T, ModelCard]:
+    """The trained task of a fine-tuning run folder and its card.
 
-    An interrupted save never leaves a truncated checkpoint at the final path.
+    Args:
+        run_dir: A run folder written by a fine-tuning run.
+        task_class: The Lightning task the run trained.
+        task: The card's ``task`` that run folder must have.
+        hint: Added to the error of a card of another task.
+
+    Raises:
+        InputError: No card or checkpoint, a card of another task, or an unreadable checkpoint.
     """
+    card = read_card(run_dir)
+    if card.task != task:
+        raise InputError(run_dir, f'not a {task} model (task: {card.task}){hint}')
+    checkpoint = Path(run_dir) / MODEL_NAME
+    if not checkpoint.is_file():
+        raise InputError(run_dir, f'no {MODEL_NAME} in this folder')
+    try:
+        trained = task_class.load_from_checkpoint(checkpoint, map_location='cpu')
+    except (KeyError, RuntimeError, EOFError, ValueError, TypeError) as exc:
+        raise InputError(checkpoint, f'cannot load {task} model ({exc})') from None
+    return trained, card
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None
-    ) -> None:
-        """Save ``checkpoint`` to ``path`` atomically."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path, overwrite=True) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+def encoder_provenance(encoder: Path, card: ModelCard) -> dict[str, Any]:
+    """How a model card records the pretrained encoder a model started from."""
+    weights = encoder / ENCODER_NAME if encoder.is_dir() else encoder
+    return {'path': str(weights.resolve()), 'sha256': sha256_file(weights), 'card': card.to_dict()}
 
 
 def _segmentation_card(
@@ -419,13 +376,7 @@ def _segmentation_card(
     provenance: dict[str, Any] = {'decoder': config.decoder}
     if config.encoder is not None:
         assert encoder_card is not None
-        weights = Path(config.encoder)
-        weights = weights / ENCODER_NAME if weights.is_dir() else weights
-        provenance['encoder'] = {
-            'path': str(weights.resolve()),
-            'sha256': sha256_file(weights),
-            'card': encoder_card.to_dict(),
-        }
+        provenance['encoder'] = encoder_provenance(Path(config.encoder), encoder_card)
     return ModelCard(
         method='supervised',
         backbone=encoder_card.backbone if encoder_card is not None else config.backbone,
@@ -435,7 +386,7 @@ def _segmentation_card(
         mean=data.mean.tolist(),
         std=data.std.tolist(),
         patch_size=config.patch_size,
-        resolution=_metres_per_pixel(images.crs, images.res[0]),
+        resolution=metres_per_pixel(images.crs, images.res[0]),
         data={
             'rasters': images.files,
             'labels': str(Path(config.labels).resolve()),  # type: ignore[arg-type]
@@ -453,10 +404,4 @@ def _segmentation_card(
         tile_size=config.patch_size,
         provenance=provenance,
     )
-
-
-def _metres_per_pixel(crs: CRS, res: float) -> float | None:
-    """The ground resolution when the CRS is in metres; None for degrees or other units."""
-    unit = crs.axis_info[0].unit_name if crs.axis_info else None
-    return float(res) if unit in ('metre', 'meter') else None
 

@@ -397,3 +397,25 @@ def moco_view(
     return K.ImageSequential(
         K.RandomResizedCrop((size, size), scale=scale), *photometric, K.RandomHorizontalFlip()
     )
+
+
+def fine_tuning_augmentations(
+    mean: Tensor, std: Tensor, *, rotate: bool
+) -> tuple[K.AugmentationSequential, K.AugmentationSequential]:
+    """The pipelines of a fine-tuning data module: ``(aug, train_aug)``.
+
+    Both normalise; training also flips at random and, with ``rotate``, turns by multiples of
+    90 degrees. Masks in the batch follow the geometric steps.
+
+    Args:
+        mean: Per-channel mean in raw pixel units.
+        std: Per-channel standard deviation.
+        rotate: Add random 90-degree rotations to training.
+    """
+    normalize = K.Normalize(mean=mean, std=std)
+    aug = K.AugmentationSequential(normalize, data_keys=None, keepdim=True)
+    geometric = [K.RandomHorizontalFlip(), K.RandomVerticalFlip()]
+    if rotate:
+        geometric.append(K.RandomRotation90(times=(0, 3)))
+    train_aug = K.AugmentationSequential(normalize, *geometric, data_keys=None, keepdim=True)
+    return aug, train_aug

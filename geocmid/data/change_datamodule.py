@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import kornia.augmentation as K
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -28,6 +27,7 @@ from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets.utils import Sample
 
 from ..errors import InputError
+from .augment import fine_tuning_augmentations
 from .change_patches import ChangePatches, label_regions, split_regions
 from .pairs import PairRecord, align_pair, pair_statistics, read_pairs
 from .stats import BandStats
@@ -127,15 +127,8 @@ class ChangeDataModule(NonGeoDataModule):
             values = given if given is not None else getattr(stats, name).tolist()
             setattr(self, name, torch.tensor(list(values), dtype=torch.float32))
         # Both dates share the statistics: stacked on the channel axis, they repeat.
-        normalize = K.Normalize(mean=self.mean.repeat(2), std=self.std.repeat(2))
-        self.aug = K.AugmentationSequential(normalize, data_keys=None, keepdim=True)
-        self.train_aug = K.AugmentationSequential(
-            normalize,
-            K.RandomHorizontalFlip(),
-            K.RandomVerticalFlip(),
-            K.RandomRotation90(times=(0, 3)),
-            data_keys=None,
-            keepdim=True,
+        self.aug, self.train_aug = fine_tuning_augmentations(
+            self.mean.repeat(2), self.std.repeat(2), rotate=True
         )
         if stage == 'fit':
             self.train_dataset = ChangePatches(

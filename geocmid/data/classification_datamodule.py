@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import kornia.augmentation as K
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
@@ -21,6 +20,7 @@ from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets.utils import Sample
 
 from ..errors import InputError
+from .augment import fine_tuning_augmentations
 from .chips import ChipFolder, chip_statistics, stratified_split
 
 type PathLike = str | os.PathLike[str]
@@ -238,17 +238,7 @@ class ChipClassificationDataModule(NonGeoDataModule):
         self.chips = chips
         self.mean = torch.tensor(list(mean), dtype=torch.float32)
         self.std = torch.tensor(list(std), dtype=torch.float32)
-        self.aug = K.AugmentationSequential(
-            K.Normalize(mean=self.mean, std=self.std), data_keys=None, keepdim=True
-        )
-        self.train_aug = K.AugmentationSequential(
-            K.Normalize(mean=self.mean, std=self.std),
-            K.RandomHorizontalFlip(),
-            K.RandomVerticalFlip(),
-            K.RandomRotation90(times=(0, 3)),
-            data_keys=None,
-            keepdim=True,
-        )
+        self.aug, self.train_aug = fine_tuning_augmentations(self.mean, self.std, rotate=True)
 
     def setup(self, stage: str) -> None:
         """Use the given sets: train for fitting, test for validation and testing."""

@@ -21,7 +21,6 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 
-import kornia.augmentation as K
 import numpy as np
 import shapely
 import torch
@@ -32,6 +31,7 @@ from torchgeo.datasets.utils import Sample
 from torchgeo.samplers import GriddedPatchSampler
 
 from ..errors import InputError
+from .augment import fine_tuning_augmentations
 from .dataset import GeoRasterDataset
 from .labels import LabelledDataset, open_labels
 from .rasters import BandSelection
@@ -137,16 +137,7 @@ class SegmentationDataModule(GeoDataModule):
         # (a pass over the rasters) when no encoder card supplies them.
         self.mean = _statistic('mean', self.given_mean, self.images)
         self.std = _statistic('std', self.given_std, self.images)
-        self.aug = K.AugmentationSequential(
-            K.Normalize(mean=self.mean, std=self.std), data_keys=None, keepdim=True
-        )
-        self.train_aug = K.AugmentationSequential(
-            K.Normalize(mean=self.mean, std=self.std),
-            K.RandomHorizontalFlip(),
-            K.RandomVerticalFlip(),
-            data_keys=None,
-            keepdim=True,
-        )
+        self.aug, self.train_aug = fine_tuning_augmentations(self.mean, self.std, rotate=False)
         self.train_dataset = self.val_dataset = self.dataset
         if stage == 'fit':
             self.train_sampler = ValidPatchSampler(

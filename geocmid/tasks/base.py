@@ -109,6 +109,23 @@ class PretrainTask(BaseTask):
         for teacher, student in self.teacher_pairs():
             ema_update(teacher, student, momentum)
 
+    def log_losses(self, loss: Tensor, terms: dict[str, Tensor | float], batch_size: int) -> None:
+        """Log the total loss (on the progress bar), its terms, the learning rate and momentum.
+
+        Args:
+            loss: The total loss of the step, logged as ``train_loss``.
+            terms: Loss terms and other per-step values, logged under their keys.
+            batch_size: Patches in the batch.
+        """
+        self.log('train_loss', loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            terms | {
+                'lr': self.trainer.optimizers[0].param_groups[0]['lr'],
+                'momentum': self.momentum(self.global_step),
+            },
+            batch_size=batch_size,
+        )
+
     def layout(self, x: Tensor) -> Tensor:
         """``x`` in the memory layout of the model: channels-last on CUDA (see on_fit_start)."""
         return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x

@@ -306,19 +306,13 @@ class CMID(PretrainTask):
         self.queue.enqueue(keys)
         self.local_loss.update_center(teacher_logits)
 
-        size = len(image)
-        self.log('train_loss', loss, prog_bar=True, batch_size=size)
-        self.log_dict(
-            {
-                'loss_mim': loss_mim,
-                'loss_global': loss_global,
-                'loss_local': loss_local,
-                'teacher_temp': temperature,
-                'lr': self.trainer.optimizers[0].param_groups[0]['lr'],
-                'momentum': self.momentum(self.global_step),
-            },
-            batch_size=size,
-        )
+        terms = {
+            'loss_mim': loss_mim,
+            'loss_global': loss_global,
+            'loss_local': loss_local,
+            'teacher_temp': temperature,
+        }
+        self.log_losses(loss, terms, batch_size=len(image))
         return loss
 
     def _student_pass(self, view: View, cells: Tensor) -> tuple[Tensor, Tensor]:

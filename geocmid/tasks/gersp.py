@@ -368,15 +368,7 @@ class GeRSP(PretrainTask):
         # After the loss, which used the queue as it was before the step.
         self.queue.enqueue(keys)
 
-        size = len(batch['image'])
-        self.log('train_loss', loss, prog_bar=True, batch_size=size)
-        self.log_dict(
-            terms | {
-                'lr': self.trainer.optimizers[0].param_groups[0]['lr'],
-                'momentum': self.momentum(self.global_step),
-            },
-            batch_size=size,
-        )
+        self.log_losses(loss, terms, batch_size=len(batch['image']))
         return loss
 
     def _shuffles_bn(self) -> bool:

@@ -1,0 +1,60 @@
+"""Option parsing and output shared by the training commands."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:  # geocmid is imported only when a command runs, to keep the CLI quick
+    from geocmid.training import RunResult
+
+
+class BandIndices(click.ParamType):
+    """``'1,2,3'`` -> ``[1, 2, 3]``: 1-based band indices, comma-separated."""
+
+    name = 'bands'
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> list[int]:
+        """Parse the comma-separated list, failing as a usage error (exit 2)."""
+        if isinstance(value, list):
+            return value
+        items = split_list(str(value)) or []
+        if not items or not all(item.isdigit() and int(item) > 0 for item in items):
+            self.fail(f'expected 1-based band indices such as 1,2,3, got {value!r}', param, ctx)
+        return [int(item) for item in items]
+
+
+BANDS = BandIndices()
+
+
+def split_list(value: str | None) -> list[str] | None:
+    """``'a, b,c'`` -> ``['a', 'b', 'c']``; None stays None (not given)."""
+    if value is None:
+        return None
+    return [item.strip() for item in value.split(',') if item.strip()]
+
+
+def parse_bands(value: str | None) -> list[int | str] | None:
+    """``'1,2,3'`` -> ``[1, 2, 3]``; band names stay strings (``'red,nir'``)."""
+    items = split_list(value)
+    return None if items is None else [int(item) if item.isdigit() else item for item in items]
+
+
+def run_folder_options[F: Callable[..., Any]](command: F) -> F:
+    """``--overwrite`` and ``--quiet``, which every command writing a run folder takes."""
+    command = click.option('--quiet', is_flag=True, help='No progress bar.')(command)
+    return click.option(
+        '--overwrite', is_flag=True, help='Replace the outputs of an existing run folder.'
+    )(command)
+
+
+def echo_fine_tuning(result: RunResult, shown: dict[str, str]) -> None:
+    """Print the steps taken, the ``shown`` metrics (key -> label) logged, and the outputs."""
+    values = [f'{name} {result.metrics[k]:.4f}' for k, name in shown.items() if k in result.metrics]
+    click.echo(f'step {result.global_step}: {", ".join(values)}')
+    click.echo(f'model: {result.model}')
+    click.echo(f'model card: {result.model_card}')
