@@ -9,7 +9,7 @@ import click
 
 from geocmid.errors import InputError
 
-from .options import echo_fine_tuning, run_folder_options
+from .options import BANDS, echo_fine_tuning, run_folder_options
 
 if TYPE_CHECKING:
     from geocmid.inference.change import ChangeResult
@@ -89,6 +89,10 @@ def _summary(name: str, result: ChangeResult) -> str:
     show_default=True, help='How overlapping windows are combined.',
 )  # fmt: skip
 @click.option('--nodata', type=float, help="Override or supply both images' nodata value.")
+@click.option(
+    '--bands', type=BANDS,
+    help="Image bands to feed the model, 1-based ('1,2,3'); default the model card's.",
+)
 @click.option(
     '--probability-dtype', type=click.Choice(['uint8', 'float32']), default='uint8',
     show_default=True, help='Storage of the change scores.',

@@ -171,6 +171,21 @@ def test_label_free_change_on_a_real_naip_pair(tmp_path: Path, encoder4: Path) -
     assert result.changed_area_m2 == pytest.approx(25.0 * (labels == 1).sum())
 
 
+def test_band_rule_is_the_one_segment_follows(tmp_path: Path, encoder3: Path) -> None:
+    """An RGB encoder on RGBN images: refused unless --bands picks three bands."""
+    if not (NAIP / 'naip_2016.tif').exists():
+        pytest.skip('sample_data/naip is missing')
+    model = ChangeModel.from_encoder(encoder3)
+    before, after = NAIP / 'naip_2012.tif', NAIP / 'naip_2016.tif'
+    with pytest.raises(InputError, match='has 4 band.*pick them with --bands'):
+        detect_change(before, after, model, vector=tmp_path / 'a.gpkg', progress=False)
+    assert not (tmp_path / 'a.gpkg').exists()
+    result = detect_change(
+        before, after, model, vector=tmp_path / 'b.gpkg', bands=[1, 2, 3], progress=False
+    )
+    assert result.vector is not None and result.vector.exists()
+
+
 def test_trained_model_with_partial_overlap_writes_the_before_grid(
     make_geotiff, tmp_path: Path
 ) -> None:

@@ -320,10 +320,6 @@ print('RESULT', os.environ.get('LOCAL_RANK', '0'), result.global_step)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get('GEOCMID_DDP_TEST'),
-    reason='set GEOCMID_DDP_TEST=1 to run DDP on 2 CPU processes (40-90 s on 2 cores)',
-)
 def test_two_process_ddp_run(rasters: Path, tmp_path: Path) -> None:
     """Lightning DDP on 2 CPU processes (gloo): both ranks step together, rank 0 writes."""
     script = tmp_path / 'ddp.py'

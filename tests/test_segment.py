@@ -22,12 +22,8 @@ import geocmid
 from geocmid.errors import InputError
 from geocmid.inference.jobs import run_jobs
 from geocmid.inference.outputs import check_outputs, provenance_tags, unique_names
-from geocmid.inference.segment import (
-    SegmentationModel,
-    find_scenes,
-    model_bands,
-    segment_scenes,
-)
+from geocmid.inference.bands import model_bands
+from geocmid.inference.segment import SegmentationModel, find_scenes, segment_scenes
 from geocmid.inference.tiling import TileGrid
 from geocmid.io.cards import ModelCard
 from geocmid.io.cog import validate_cog

@@ -37,12 +37,14 @@ from torch import Tensor, nn
 
 from ..change_training import CHANGE_CLASSES, load_change_model
 from ..data.pairs import AlignedPair, Grid, PairRecord, align_pair, pair_statistics, read_pairs
+from ..data.rasters import BandSelection
 from ..errors import InputError
 from ..io.cards import ModelCard
 from ..io.cog import GDAL_CACHE_BYTES, PredictionWriter, gdal_cache_limit
 from ..io.vectors import polygonize
 from ..models.weights import ENCODER_NAME, load_encoder, sha256_file
 from ..training import MODEL_NAME
+from .bands import model_bands
 from .engine import predict_scene
 from .jobs import ErrorHandler, default_tile, resolve_device, run_jobs
 from .outputs import check_outputs, output_folder, provenance_tags
@@ -350,6 +352,7 @@ def check_pair(
     *,
     overwrite: bool = False,
     nodata: float | None = None,
+    bands: BandSelection | None = None,
 ) -> None:
     """Check a pair and its outputs before any computation (only file headers are read).
 
@@ -360,16 +363,14 @@ def check_pair(
     """
     check_outputs(outputs, overwrite, inputs=[before, after])
     with align_pair(before, after, nodata=nodata) as pair:
-        _check_bands(pair, model.card)
+        _check_bands(pair, model.card, bands)
 
 
-def _check_bands(pair: AlignedPair, card: ModelCard) -> None:
-    if max(card.band_indices) > pair.count:
-        raise InputError(
-            pair.before,
-            f'has {pair.count} band(s) but the model takes {card.in_chans} '
-            f'({", ".join(card.bands)}: band(s) {", ".join(map(str, card.band_indices))})',
-        )
+def _check_bands(
+    pair: AlignedPair, card: ModelCard, bands: BandSelection | None = None
+) -> tuple[int, ...]:
+    """The bands of the pair that feed the model, by the rule ``segment`` follows."""
+    return model_bands(pair.before, pair.count, (), card, bands)
 
 
 def detect_change(
@@ -388,6 +389,7 @@ def detect_change(
     batch_size: int = 4,
     blend: Blend = 'cosine',
     nodata: float | None = None,
+    bands: BandSelection | None = None,
     probability_dtype: Literal['uint8', 'float32'] = 'uint8',
     device: torch.device | str = 'auto',
     overwrite: bool = False,
@@ -426,6 +428,9 @@ def detect_change(
         batch_size: windows per forward pass.
         blend: 'cosine', 'linear', 'gaussian' or 'none' (crop-centre).
         nodata: overrides or supplies both images' nodata value.
+        bands: 1-based indexes of the image bands to feed the model (e.g. the RGB bands of RGBN
+            images for an RGB model); default the card's, by the rule of
+            :func:`~geocmid.inference.bands.model_bands`.
         probability_dtype: 'uint8' (quantised, scale 1/254) or 'float32'.
         device: where the model runs; 'auto' picks CUDA when available.
         overwrite: replace existing outputs.
@@ -461,8 +466,7 @@ def detect_change(
         align_pair(before, after, nodata=nodata) as pair,
         tempfile.TemporaryDirectory(dir=folder, prefix='.geocmid-change-') as scratch,
     ):
-        _check_bands(pair, model.card)
-        source = _pair_source(pair, model.card)
+        source = _pair_source(pair, model.card, _check_bands(pair, model.card, bands))
         spool = None
         if threshold == 'otsu':
             # Otsu needs every score: spool them, then replay them into the writer.
@@ -505,9 +509,8 @@ def detect_change(
     )
 
 
-def _pair_source(pair: AlignedPair, card: ModelCard) -> PairSource:
-    """The pair read with the card's bands and normalisation."""
-    bands = tuple(card.band_indices)
+def _pair_source(pair: AlignedPair, card: ModelCard, bands: tuple[int, ...]) -> PairSource:
+    """The pair read with ``bands`` and the card's normalisation."""
     if card.mean is not None and card.std is not None:
         return PairSource(pair, bands, np.asarray(card.mean), np.asarray(card.std))
     # An encoder that fixes no normalisation (random initialisation): standardise the pair.
@@ -612,7 +615,7 @@ def detect_changes(
             record.check_files()
             check_pair(
                 record.before, record.after, loaded, [job.vector, job.raster, job.probabilities],
-                overwrite=overwrite, nodata=settings.get('nodata'),
+                overwrite=overwrite, nodata=settings.get('nodata'), bands=settings.get('bands'),
             )  # fmt: skip
         except InputError as exc:
             error = _named(record, exc)

@@ -38,6 +38,7 @@ from ..io.cog import PredictionWriter
 from ..io.vectors import metres_to_crs_units, polygonize
 from ..models.weights import sha256_file
 from ..training import MODEL_NAME, load_segmentation_model
+from .bands import model_bands
 from .engine import InferenceStats, predict_scene
 from .jobs import ErrorHandler, cuda_devices, default_tile, resolve_device, run_jobs
 from .outputs import check_outputs, output_folder, provenance_tags, unique_names
@@ -159,44 +160,6 @@ def find_scenes(scenes: PathLike | Iterable[PathLike]) -> list[Path]:
     if not paths:
         raise InputError('SCENE', 'no scene given')
     return find_rasters(paths)
-
-
-def model_bands(
-    scene: PathLike, count: int, descriptions: Sequence[str | None], card: ModelCard,
-    bands: BandSelection | None = None,
-) -> tuple[int, ...]:  # fmt: skip
-    """The scene bands fed to the model, in its channel order.
-
-    Without ``bands``, a model trained on all bands of its rasters (band indices ``1..N``)
-    needs a scene of exactly N bands, so that a scene of another sensor is not silently read
-    band by band as if it matched; a model trained on a band subset needs those bands. ``bands``
-    picks the scene's bands explicitly (e.g. the RGB bands of an RGBN scene for an RGB model).
-
-    Args:
-        scene: the scene, for messages.
-        count: its number of bands.
-        descriptions: its band descriptions (to select bands by name).
-        card: the model card.
-        bands: 1-based indexes or names of the scene bands; default the card's band indices.
-
-    Raises:
-        InputError: the scene lacks bands or has a different number of bands than the model
-            takes, or ``bands`` selects a different number.
-    """
-    takes = f'the model takes {card.in_chans} ({", ".join(card.bands)})'
-    if bands is not None:
-        selected = check_bands(scene, count, bands, descriptions)
-        if len(selected) != card.in_chans:
-            raise InputError('--bands', f'{len(selected)} band(s) selected but {takes}')
-        return selected
-    indices = tuple(card.band_indices)
-    if indices == tuple(range(1, card.in_chans + 1)):  # trained on all bands
-        if count != card.in_chans:
-            raise InputError(scene, f'has {count} band(s) but {takes}; pick them with --bands')
-    elif max(indices) > count:
-        listed = ', '.join(map(str, indices))
-        raise InputError(scene, f'has {count} band(s) but {takes}: band(s) {listed}')
-    return indices
 
 
 def _resolution(resolution: Resolution, card: ModelCard, src: DatasetReader) -> float | None:
