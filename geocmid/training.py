@@ -307,6 +307,10 @@ def fit(
     Epoch-end validation misses the steps after the last full epoch (always, with
     ``--max-steps``), so the exported model itself is validated at the end.
     """
+    if not validate:
+        # TorchGeo's ReduceLROnPlateau watches `val_loss`, which is never logged without a
+        # validation split; watch the training loss instead.
+        task.monitor = 'train_loss'
     trainer.fit(task, datamodule=data)
     if validate:
         trainer.validate(task, datamodule=data, verbose=False)

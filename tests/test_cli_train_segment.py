@@ -111,6 +111,21 @@ def test_writes_model_and_complete_card(scene: tuple[Path, Path], tmp_path: Path
     assert 'val_AverageJaccardIndex' in metrics and 'val_ClasswiseJaccardIndex_pool' in metrics
 
 
+def test_no_validation_split_trains_past_one_epoch(
+    scene: tuple[Path, Path], tmp_path: Path
+) -> None:
+    raster, labels = scene
+    config = tmp_path / 'run.yaml'
+    config.write_text(yaml.safe_dump(
+        {'backbone': 'resnet18', 'patch_size': 32, 'val_fraction': 0, 'samples_per_epoch': 4}
+    ))
+    output = tmp_path / 'run'
+    argv = [*common(raster, labels, output), '--config', config]
+    argv[argv.index('--max-steps') + 1] = '5'  # 2 patches a step, 4 an epoch: 3 epochs
+    assert run(argv) == 0
+    assert (output / 'model.ckpt').is_file()
+
+
 def test_frozen_encoder_round_trip(scene: tuple[Path, Path], encoder: Path, tmp_path: Path) -> None:
     raster, labels = scene
     output = tmp_path / 'run'
