@@ -101,6 +101,10 @@ def _summary(name: str, result: ChangeResult) -> str:
     '--device', default='auto', show_default=True, help="'auto', 'cpu', 'cuda', 'cuda:1'..."
 )
 @click.option('--overwrite', is_flag=True, help='Replace existing outputs.')
+@click.option(
+    '--skip-existing', is_flag=True,
+    help='With --pairs, resume: skip the pairs whose outputs are complete, redo the others.',
+)  # fmt: skip
 @click.option('--fail-fast', is_flag=True, help='With --pairs, stop at the first bad pair.')
 @click.option('--quiet', is_flag=True, help='No progress bar.')
 def change(
@@ -113,6 +117,7 @@ def change(
     raster: str | None,
     probabilities: str | None,
     threshold: str | None,
+    skip_existing: bool,
     fail_fast: bool,
     quiet: bool,
     **options: Any,
@@ -129,6 +134,8 @@ def change(
     given = (before is not None, after is not None, pairs is not None)
     if given not in ((True, True, False), (False, False, True)):
         raise click.UsageError('give BEFORE and AFTER, or --pairs (not both)')
+    if skip_existing and pairs is None:
+        raise click.UsageError('--skip-existing resumes a run over --pairs')
     loaded = change_model(model, encoder=encoder)
     if before is not None and after is not None:
         rasters = (('raster', raster, 'change'), ('probabilities', probabilities, 'score'))
@@ -148,21 +155,27 @@ def change(
                 f'with --pairs, {name} takes no path: files are named after the pairs'
             )
     failed: list[InputError] = []
+    skipped: list[str] = []
 
     def report(name: str, error: InputError) -> None:
         failed.append(error)
         click.echo(f'error: {error}', err=True)
 
+    def skip(name: str) -> None:
+        skipped.append(name)
+        click.echo(f'{name}: skipped, outputs complete')
+
     assert pairs is not None
     results = detect_changes(
         pairs, model=loaded, out_dir=output, raster=raster is not None,
         probabilities=probabilities is not None, threshold=_threshold(threshold),
-        fail_fast=fail_fast, on_error=report, progress=not quiet, **options,
+        fail_fast=fail_fast, on_error=report, on_skip=skip, progress=not quiet,
+        skip_existing=skip_existing, **options,
     )  # fmt: skip
     for name, result in results.items():
         click.echo(_summary(name, result))
     if failed:
-        total = len(failed) + len(results)
+        total = len(failed) + len(results) + len(skipped)
         raise InputError(pairs, f'{len(failed)} of {total} pair(s) failed (see above)')
 
 

@@ -1,4 +1,4 @@
-"""Option parsing and output shared by the training commands."""
+"""Option parsing and output shared by the commands."""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ import click
 
 from geocmid.errors import InputError
 
+from .options import parse_bands, split_list
+
 if TYPE_CHECKING:
     from geocmid.inference.segment import SegmentResult
 
@@ -20,7 +22,7 @@ def _devices(value: str) -> int | list[str]:
     """``--devices``: a number of GPUs, or a comma-separated device list."""
     if value.strip().isdigit():
         return int(value)
-    return [item.strip() for item in value.split(',') if item.strip()]
+    return split_list(value) or []
 
 
 def _resolution(value: str) -> float | str:
@@ -32,14 +34,6 @@ def _resolution(value: str) -> float | str:
     except ValueError:
         problem = f"must be 'scene', 'model' or a number of metres, not {value!r}"
         raise InputError('--resolution', problem) from None
-
-
-def _bands(value: str | None) -> list[int | str] | None:
-    """``--bands 1,2,3`` (or band names) -> ``[1, 2, 3]``."""
-    if value is None:
-        return None
-    items = [item.strip() for item in value.split(',') if item.strip()]
-    return [int(item) if item.isdigit() else item for item in items]
 
 
 def _summary(name: str, result: SegmentResult) -> str:
@@ -115,6 +109,11 @@ def _summary(name: str, result: SegmentResult) -> str:
     "('cuda:0,cuda:2'; 'cpu,cpu' for two CPU workers).",
 )  # fmt: skip
 @click.option('--overwrite', is_flag=True, help='Replace existing outputs.')
+@click.option(
+    '--skip-existing', is_flag=True,
+    help='With an output folder, resume: skip the scenes whose outputs are complete, redo the '
+    'others.',
+)  # fmt: skip
 @click.option('--fail-fast', is_flag=True, help='With many scenes, stop at the first bad one.')
 @click.option('--quiet', is_flag=True, help='No progress bar.')
 def segment(
@@ -126,6 +125,7 @@ def segment(
     resolution: str,
     bands: str | None,
     devices: str,
+    skip_existing: bool,
     fail_fast: bool,
     quiet: bool,
     **options: Any,
@@ -142,9 +142,11 @@ def segment(
     from geocmid.api import segment_scenes
     from geocmid.inference.segment import find_scenes
 
-    settings = dict(resolution=_resolution(resolution), bands=_bands(bands), **options)
+    settings = dict(resolution=_resolution(resolution), bands=parse_bands(bands), **options)
     workers = _devices(devices)
     if output.suffix.lower() == '.gpkg':
+        if skip_existing:
+            raise click.UsageError('--skip-existing resumes a run into an output folder')
         paths = find_scenes(scenes)
         if len(paths) > 1:
             raise InputError(output, f'{len(paths)} scenes need an output folder, not a .gpkg')
@@ -169,17 +171,23 @@ def segment(
                 f'with an output folder, {name} takes no path: files are named after the scenes'
             )
     failed: list[InputError] = []
+    skipped: list[str] = []
 
     def report(name: str, error: InputError) -> None:
         failed.append(error)
         click.echo(f'error: {error}', err=True)
 
+    def skip(name: str) -> None:
+        skipped.append(name)
+        click.echo(f'{name}: skipped, outputs complete')
+
     results = segment_scenes(
         scenes, model, output, probabilities=probabilities is not None, devices=workers,
-        fail_fast=fail_fast, on_error=report, progress=not quiet, **settings,
+        fail_fast=fail_fast, on_error=report, on_skip=skip, progress=not quiet,
+        skip_existing=skip_existing, **settings,
     )  # fmt: skip
     for name, result in results.items():
         click.echo(_summary(name, result))
     if failed:
-        total = len(failed) + len(results)
+        total = len(failed) + len(results) + len(skipped)
         raise InputError(output, f'{len(failed)} of {total} scene(s) failed (see above)')

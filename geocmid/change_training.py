@@ -8,12 +8,10 @@ the siamese task (:class:`~geocmid.tasks.change.Change`) and the card of a chang
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning
 from lightning.pytorch.utilities import rank_zero_only
 from pyproj import CRS
 from torch import nn
@@ -23,18 +21,11 @@ from .data.change_datamodule import ChangeDataModule
 from .data.change_patches import PairRegion
 from .data.pairs import align_pair
 from .errors import InputError
-from .io.cards import ClassInfo, ModelCard, read_card
-from .runs import Precision, build_trainer, check_run_dir, metres_per_pixel, write_run_config
+from .io.cards import ClassInfo, ModelCard
+from .runs import Precision, check_run_dir, metres_per_pixel
 from .tasks.change import Change
-from .training import (
-    RunResult,
-    encoder_provenance,
-    encoder_weights,
-    export_run,
-    fit,
-    load_trained,
-    prepare_run_dir,
-)
+from .training import EncoderInit, RunResult, encoder_init, export_run, fit, load_trained, start_run
+from .types import PathLike
 
 #: Classes of a binary change model and of its change raster: 0 no change, 1 change.
 CHANGE_CLASSES = (ClassInfo('no_change', (0, 0, 0)), ClassInfo('change', (230, 25, 75)))
@@ -127,12 +118,12 @@ def train_change(
     run_dir = Path(config.output)  # type: ignore[arg-type]
     if rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 has filled the folder
         check_run_dir(run_dir, overwrite=overwrite)
-    encoder_card = read_card(config.encoder) if config.encoder is not None else None
+    encoder = encoder_init(config.encoder, config.backbone)
     data = ChangeDataModule(
         config.pairs,  # type: ignore[arg-type]
         bands=config.bands,
-        mean=encoder_card.mean if encoder_card is not None else None,
-        std=encoder_card.std if encoder_card is not None else None,
+        mean=encoder.mean,
+        std=encoder.std,
         patch_size=config.patch_size,
         batch_size=config.batch_size,
         length=config.samples_per_epoch,
@@ -141,20 +132,12 @@ def train_change(
         nodata=config.nodata,
         seed=config.seed,
     )
-    weights = None
-    if config.encoder is not None:
-        assert encoder_card is not None
-        weights = encoder_weights(config.encoder, encoder_card, data.in_channels, 'the pairs')
-
-    if rank_zero_only.rank == 0:
-        prepare_run_dir(run_dir, overwrite)
-        write_run_config(run_dir, config)
-
-    lightning.seed_everything(config.seed, workers=True, verbose=False)
+    weights = encoder.weights(data.in_channels, 'the pairs')
+    start_run(run_dir, config, overwrite=overwrite)
     task = Change(
         model=config.decoder,
-        backbone=encoder_card.backbone if encoder_card is not None else config.backbone,
-        backbone_kwargs=encoder_card.backbone_kwargs if encoder_card is not None else None,
+        backbone=encoder.backbone,
+        backbone_kwargs=encoder.backbone_kwargs,
         weights=weights,
         in_channels=data.in_channels,
         loss=config.loss,
@@ -162,23 +145,11 @@ def train_change(
         lr=config.lr,
         freeze_backbone=config.freeze_encoder,
     )
-    validate = bool(data.val_regions)
-    trainer = build_trainer(
-        run_dir,
-        epochs=config.epochs,
-        max_steps=config.max_steps,
-        devices=config.devices,
-        accelerator=config.accelerator,
-        precision=config.precision,
-        log_every_n_steps=config.log_every_n_steps,
-        validate=validate,
-        progress=progress,
-    )
-    fit(trainer, task, data, validate=validate)
-    return export_run(trainer, run_dir, _change_card(config, data, encoder_card))
+    trainer = fit(run_dir, config, task, data, validate=bool(data.val_regions), progress=progress)
+    return export_run(trainer, run_dir, _change_card(config, data, encoder))
 
 
-def load_change_model(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]:
+def load_change_model(run_dir: PathLike) -> tuple[nn.Module, ModelCard]:
     """The trained network of a change run, ready for whole-scene inference.
 
     Args:
@@ -195,25 +166,19 @@ def load_change_model(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, Model
     return task.model.eval(), card
 
 
-def _change_card(
-    config: ChangeConfig, data: ChangeDataModule, encoder_card: ModelCard | None
-) -> ModelCard:
+def _change_card(config: ChangeConfig, data: ChangeDataModule, encoder: EncoderInit) -> ModelCard:
     """The card of a trained change model: bands, normalisation, classes, tile, provenance."""
     first = data.regions[0].record
     with align_pair(first.before, first.after, allow_ungeoreferenced=True) as pair:
         crs, res = pair.crs, abs(pair.transform.a)
-    if encoder_card is not None:
-        bands = list(encoder_card.bands)
+    if encoder.card is not None:
+        bands = list(encoder.card.bands)
     else:  # placeholder names that say which source band each channel is
         bands = [f'band_{index}' for index in data.band_indexes]
-    provenance: dict[str, Any] = {'decoder': config.decoder}
-    if config.encoder is not None:
-        assert encoder_card is not None
-        provenance['encoder'] = encoder_provenance(Path(config.encoder), encoder_card)
     return ModelCard(
         method='supervised',
-        backbone=encoder_card.backbone if encoder_card is not None else config.backbone,
-        backbone_kwargs=dict(encoder_card.backbone_kwargs) if encoder_card is not None else {},
+        backbone=encoder.backbone,
+        backbone_kwargs=dict(encoder.backbone_kwargs),
         bands=bands,
         band_indices=list(data.band_indexes),
         mean=data.mean.tolist(),
@@ -233,7 +198,7 @@ def _change_card(
         task='change',
         classes=list(CHANGE_CLASSES),
         tile_size=config.patch_size,
-        provenance=provenance,
+        provenance={'decoder': config.decoder, **encoder.provenance()},
     )
 
 

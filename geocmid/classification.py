@@ -8,12 +8,10 @@ A classification run folder has the layout of every fine-tuning run (see
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import lightning
 import pandas as pd
 import torch
 from torch import nn
@@ -32,18 +30,10 @@ from .evaluation import DEFAULT_SIZE, extract_features
 from .io.atomic import atomic_output, check_writable
 from .io.cards import ClassInfo, ModelCard, default_band_names
 from .io.cog import default_classes
-from .models.weights import load_encoder
-from .runs import Precision, build_trainer, check_run_dir, write_run_config
+from .runs import Precision, build_trainer, check_run_dir
 from .tasks.classification import SceneClassification
-from .training import (
-    RunResult,
-    encoder_provenance,
-    export_run,
-    load_trained,
-    prepare_run_dir,
-)
-
-type PathLike = str | os.PathLike[str]
+from .training import EncoderInit, RunResult, encoder_init, export_run, load_trained, start_run
+from .types import PathLike
 
 
 @dataclass(frozen=True)
@@ -120,12 +110,8 @@ def train_classification(
         raise InputError('--output', 'is required')
     run_dir = Path(config.output)
     check_run_dir(run_dir, overwrite=overwrite)
-    encoder, encoder_card = None, None
-    if config.encoder is not None:
-        encoder, encoder_card = load_encoder(
-            config.encoder, in_chans=len(config.bands) if config.bands else None
-        )
-    size = config.patch_size or (encoder_card and encoder_card.patch_size) or DEFAULT_SIZE
+    encoder = encoder_init(config.encoder, config.backbone)
+    size = config.patch_size or (encoder.card and encoder.card.patch_size) or DEFAULT_SIZE
     chips = labelled_chips(
         config.images,
         train=config.train,
@@ -135,29 +121,16 @@ def train_classification(
         size=size,
         bands=config.bands,
     )
-    if encoder_card is not None and chips.in_channels != encoder_card.in_chans:
-        raise InputError(
-            config.images or config.train,
-            f'images have {chips.in_channels} band(s) but the encoder takes '
-            f'{encoder_card.in_chans} ({", ".join(encoder_card.bands)}); choose them with --bands',
-        )
-    mean, std, _ = chip_normalisation(
-        chips,
-        encoder_card.mean if encoder_card else None,
-        encoder_card.std if encoder_card else None,
-        config.seed,
-    )
+    weights = encoder.weights(chips.in_channels, 'the images')
+    mean, std, _ = chip_normalisation(chips, encoder.mean, encoder.std, config.seed)
     data = ChipClassificationDataModule(
         chips, mean, std, batch_size=config.batch_size, num_workers=config.workers
     )
-
-    prepare_run_dir(run_dir, overwrite)
-    write_run_config(run_dir, config)
-    lightning.seed_everything(config.seed, workers=True, verbose=False)
+    start_run(run_dir, config, overwrite=overwrite)
     task = SceneClassification(
-        model=encoder_card.backbone if encoder_card else config.backbone,
-        backbone_kwargs=dict(encoder_card.backbone_kwargs) if encoder_card else None,
-        weights=encoder.state_dict() if encoder is not None else None,
+        model=encoder.backbone,
+        backbone_kwargs=encoder.backbone_kwargs,
+        weights=weights,
         in_channels=chips.in_channels,
         num_classes=len(chips.classes),
         labels=list(chips.classes),
@@ -175,28 +148,25 @@ def train_classification(
         progress=progress,
     )
     trainer.fit(task, datamodule=data)
-    card = _classification_card(config, chips, encoder_card, mean, std, size)
+    card = _classification_card(config, chips, encoder, mean, std, size)
     return export_run(trainer, run_dir, card)
 
 
 def _classification_card(
     config: ClassifyConfig,
     chips: LabelledChips,
-    encoder_card: ModelCard | None,
+    encoder: EncoderInit,
     mean: list[float],
     std: list[float],
     size: int,
 ) -> ModelCard:
     """The card of a trained classifier: its chip bands, normalisation, size and classes."""
     palette = default_classes(len(chips.classes))
-    provenance: dict[str, Any] = {}
-    if config.encoder is not None and encoder_card is not None:
-        provenance['encoder'] = encoder_provenance(Path(config.encoder), encoder_card)
     return ModelCard(
         method='supervised',
-        backbone=encoder_card.backbone if encoder_card else config.backbone,
-        backbone_kwargs=dict(encoder_card.backbone_kwargs) if encoder_card else {},
-        bands=list(encoder_card.bands) if encoder_card else default_band_names(chips.in_channels),
+        backbone=encoder.backbone,
+        backbone_kwargs=dict(encoder.backbone_kwargs),
+        bands=list(encoder.card.bands) if encoder.card else default_band_names(chips.in_channels),
         band_indices=list(chips.bands),
         mean=mean,
         std=std,
@@ -205,7 +175,7 @@ def _classification_card(
         config=to_plain(config),
         task='classification',
         classes=[ClassInfo(name, palette[i].color) for i, name in enumerate(chips.classes)],
-        provenance=provenance,
+        provenance=encoder.provenance(),
     )
 
 

@@ -9,7 +9,6 @@ vector. Windows without any valid pixel are skipped.
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,8 +29,7 @@ from .evaluation import global_average_pooled, resolve_device, seeded_encoder
 from .inference.reader import SceneReader, open_scene
 from .inference.tiling import window_starts
 from .io.atomic import atomic_output, check_writable
-
-type PathLike = str | os.PathLike[str]
+from .types import PathLike
 
 #: Pixels read per raster to estimate band statistics for an encoder whose card has none.
 STATS_PIXELS = 2**20

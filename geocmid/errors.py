@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .types import PathLike
+
 
 class InputError(ValueError):
     """Bad input from the user: a file, folder, option or value that cannot be used.
@@ -12,7 +14,7 @@ class InputError(ValueError):
     ``scene.tif: raster has no CRS``.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | None, problem: str | None = None) -> None:
+    def __init__(self, source: PathLike | None, problem: str | None = None) -> None:
         if problem is None:
             # One argument: a whole message, as torch's DataLoader re-raises a worker's error
             # with `exc_type(message)`; keep its last line, which is the original message.

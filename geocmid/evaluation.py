@@ -33,8 +33,7 @@ from .errors import InputError
 from .io.atomic import atomic_output
 from .io.cards import ModelCard
 from .models.weights import RANDOM_PREFIX, load_encoder
-
-type PathLike = str | os.PathLike[str]
+from .types import PathLike
 
 #: Image side used when the encoder's card fixes no patch size (random encoders).
 DEFAULT_SIZE = 224

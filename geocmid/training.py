@@ -8,14 +8,14 @@ A run folder holds everything one fine-tuning run produces::
     RUN_DIR/model_card.json      bands, normalisation, classes and colours, tile size,
                                  resolution, encoder provenance
 
-The run folder machinery (:mod:`geocmid.runs`, and here :func:`prepare_run_dir`,
-:func:`fit`, :func:`export_run`, :func:`load_trained`) is shared by every fine-tuning task;
-:func:`train_segmentation` and :func:`load_segmentation_model` are what segmentation adds.
+The run folder machinery (:mod:`geocmid.runs`, and here :func:`encoder_init`,
+:func:`start_run`, :func:`fit`, :func:`export_run`, :func:`load_trained`) is shared by every
+fine-tuning task; :func:`train_segmentation` and :func:`load_segmentation_model` are what
+segmentation adds.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from .io.cog import default_classes
 from .models.weights import ENCODER_NAME, load_encoder, sha256_file
 from .runs import Precision, build_trainer, check_run_dir, metres_per_pixel, write_run_config
 from .tasks.segmentation import Segmentation
+from .types import PathLike
 
 #: Name of the trained model inside a run folder.
 MODEL_NAME = 'model.ckpt'
@@ -155,15 +156,15 @@ def train_segmentation(
         check_run_dir(run_dir, overwrite=overwrite)
     classes = parse_classes(config.classes) if config.classes is not None else None
 
-    encoder_card = read_card(config.encoder) if config.encoder is not None else None
+    encoder = encoder_init(config.encoder, config.backbone)
     data = SegmentationDataModule(
         config.rasters,  # type: ignore[arg-type]
         config.labels,  # type: ignore[arg-type]
         label_field=config.label_field,
         class_names=[name for name, _ in classes] if classes is not None else None,
         bands=config.bands,
-        mean=encoder_card.mean if encoder_card is not None else None,
-        std=encoder_card.std if encoder_card is not None else None,
+        mean=encoder.mean,
+        std=encoder.std,
         patch_size=config.patch_size,
         batch_size=config.batch_size,
         length=config.samples_per_epoch,
@@ -173,20 +174,12 @@ def train_segmentation(
         max_nodata_fraction=config.max_nodata_fraction,
         seed=config.seed,
     )
-    weights = None
-    if config.encoder is not None:
-        assert encoder_card is not None
-        weights = encoder_weights(config.encoder, encoder_card, data.in_channels, 'the rasters')
-
-    if rank_zero_only.rank == 0:
-        prepare_run_dir(run_dir, overwrite)
-        write_run_config(run_dir, config)
-
-    lightning.seed_everything(config.seed, workers=True, verbose=False)
+    weights = encoder.weights(data.in_channels, 'the rasters')
+    start_run(run_dir, config, overwrite=overwrite)
     task = Segmentation(
         model=config.decoder,
-        backbone=encoder_card.backbone if encoder_card is not None else config.backbone,
-        backbone_kwargs=encoder_card.backbone_kwargs if encoder_card is not None else None,
+        backbone=encoder.backbone,
+        backbone_kwargs=encoder.backbone_kwargs,
         weights=weights,
         in_channels=data.in_channels,
         num_classes=len(data.class_names),
@@ -195,24 +188,13 @@ def train_segmentation(
         lr=config.lr,
         freeze_backbone=config.freeze_encoder,
     )
-    trainer = build_trainer(
-        run_dir,
-        epochs=config.epochs,
-        max_steps=config.max_steps,
-        devices=config.devices,
-        accelerator=config.accelerator,
-        precision=config.precision,
-        log_every_n_steps=config.log_every_n_steps,
-        validate=data.val_roi is not None,
-        progress=progress,
-    )
-    fit(trainer, task, data, validate=data.val_roi is not None)
+    trainer = fit(run_dir, config, task, data, validate=data.val_roi is not None, progress=progress)
     colors = [color for _, color in classes] if classes is not None else None
-    card = _segmentation_card(config, data, encoder_card, colors)
+    card = _segmentation_card(config, data, encoder, colors)
     return export_run(trainer, run_dir, card)
 
 
-def load_segmentation_model(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]:
+def load_segmentation_model(run_dir: PathLike) -> tuple[nn.Module, ModelCard]:
     """The trained network of a segmentation run, ready for whole-scene inference.
 
     Args:
@@ -271,42 +253,137 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     runs.prepare_run_dir(run_dir, RUN_OUTPUTS, overwrite=overwrite)
 
 
-def encoder_weights(
-    encoder: Path, card: ModelCard, in_channels: int, source: str
-) -> dict[str, Any]:
-    """The state dict of a pretrained encoder, after checking it takes the data's bands.
+@dataclass(frozen=True)
+class EncoderInit:
+    """Where the encoder of a fine-tuned model starts: a pretrained encoder or random weights.
 
-    Args:
-        encoder: ``encoder.pt`` or a pretraining run folder.
-        card: Its model card.
-        in_channels: Number of bands the data give.
-        source: What gives them, for the error message (e.g. ``'the rasters'``).
+    Attributes:
+        path: ``encoder.pt`` or a pretraining run folder; None starts from random weights.
+        card: The pretrained encoder's card; None for random weights.
+        backbone: timm name of the encoder (a pretrained encoder's card names its own).
+        backbone_kwargs: Extra ``timm.create_model`` arguments the weights need.
+    """
+
+    path: Path | None
+    card: ModelCard | None
+    backbone: str
+    backbone_kwargs: dict[str, Any]
+
+    @property
+    def mean(self) -> list[float] | None:
+        """The pretraining band means, which fine-tuning must keep; None for random weights."""
+        return self.card.mean if self.card is not None else None
+
+    @property
+    def std(self) -> list[float] | None:
+        """The pretraining band standard deviations; None for random weights."""
+        return self.card.std if self.card is not None else None
+
+    def weights(self, in_channels: int, source: str) -> dict[str, Any] | None:
+        """The pretrained state dict, after checking it takes the data's bands.
+
+        Args:
+            in_channels: Number of bands the data give.
+            source: What gives them, for the error message (e.g. ``'the rasters'``).
+
+        Returns:
+            The encoder's state dict; None for random weights.
+
+        Raises:
+            InputError: An unreadable encoder, or one that takes another number of bands.
+        """
+        if self.path is None or self.card is None:
+            return None
+        if self.card.in_chans != in_channels:
+            raise InputError(
+                self.path,
+                f'encoder takes {self.card.in_chans} band(s) ({", ".join(self.card.bands)}) '
+                f'but {source} give {in_channels}; select bands with --bands',
+            )
+        network, _ = load_encoder(self.path, in_chans=in_channels)
+        return network.state_dict()
+
+    def provenance(self) -> dict[str, Any]:
+        """The ``encoder`` entry of a model card's provenance; empty for random weights."""
+        if self.path is None or self.card is None:
+            return {}
+        weights = self.path / ENCODER_NAME if self.path.is_dir() else self.path
+        return {
+            'encoder': {
+                'path': str(weights.resolve()),
+                'sha256': sha256_file(weights),
+                'card': self.card.to_dict(),
+            }
+        }
+
+
+def encoder_init(encoder: PathLike | None, backbone: str) -> EncoderInit:
+    """Read the card of a pretrained ``encoder``; without one, start ``backbone`` at random.
+
+    Its weights are loaded later, by :meth:`EncoderInit.weights`, once the data say how many
+    bands they give; the data need the card's normalisation first.
 
     Raises:
-        InputError: An unreadable encoder, or one that takes another number of bands.
+        InputError: The encoder has no readable card.
     """
-    if card.in_chans != in_channels:
-        raise InputError(
-            encoder,
-            f'encoder takes {card.in_chans} band(s) ({", ".join(card.bands)}) '
-            f'but {source} give {in_channels}; select bands with --bands',
-        )
-    network, _ = load_encoder(encoder, in_chans=in_channels)
-    return network.state_dict()
+    if encoder is None:
+        return EncoderInit(None, None, backbone, {})
+    card = read_card(encoder)
+    return EncoderInit(Path(encoder), card, card.backbone, dict(card.backbone_kwargs))
+
+
+def start_run(run_dir: Path, config: Any, *, overwrite: bool) -> None:
+    """Fill the run folder on rank 0 (see :func:`prepare_run_dir`), then seed every rank.
+
+    Args:
+        run_dir: The run folder.
+        config: The run's resolved settings (a config dataclass with a ``seed``), written to
+            ``config.yaml``.
+        overwrite: Remove a previous run's outputs first.
+    """
+    if rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 has filled the folder
+        prepare_run_dir(run_dir, overwrite)
+        write_run_config(run_dir, config)
+    lightning.seed_everything(config.seed, workers=True, verbose=False)
 
 
 def fit(
-    trainer: lightning.Trainer,
+    run_dir: Path,
+    config: Any,
     task: lightning.LightningModule,
     data: lightning.LightningDataModule,
     *,
     validate: bool,
-) -> None:
-    """Train ``task``; with ``validate``, validate the final model once more.
+    progress: bool,
+) -> lightning.Trainer:
+    """Train ``task`` with the run's trainer; with ``validate``, validate the final model once more.
 
     Epoch-end validation misses the steps after the last full epoch (always, with
     ``--max-steps``), so the exported model itself is validated at the end.
+
+    Args:
+        run_dir: The run folder, which receives the CSV logs.
+        config: The run's settings: a config dataclass with ``epochs``, ``max_steps``,
+            ``devices``, ``accelerator``, ``precision`` and ``log_every_n_steps``.
+        task: The Lightning task to train.
+        data: Its data module.
+        validate: Whether the data module holds a validation split.
+        progress: Show Lightning's progress bar.
+
+    Returns:
+        The trainer, to export the trained model with.
     """
+    trainer = build_trainer(
+        run_dir,
+        epochs=config.epochs,
+        max_steps=config.max_steps,
+        devices=config.devices,
+        accelerator=config.accelerator,
+        precision=config.precision,
+        log_every_n_steps=config.log_every_n_steps,
+        validate=validate,
+        progress=progress,
+    )
     if not validate:
         # TorchGeo's ReduceLROnPlateau watches `val_loss`, which is never logged without a
         # validation split; watch the training loss instead.
@@ -314,6 +391,7 @@ def fit(
     trainer.fit(task, datamodule=data)
     if validate:
         trainer.validate(task, datamodule=data, verbose=False)
+    return trainer
 
 
 def export_run(trainer: lightning.Trainer, run_dir: Path, card: ModelCard) -> RunResult:
@@ -332,7 +410,7 @@ def export_run(trainer: lightning.Trainer, run_dir: Path, card: ModelCard) -> Ru
 
 
 def load_trained[T: BaseTask](
-    run_dir: str | os.PathLike[str], task_class: type[T], task: str, hint: str = ''
+    run_dir: PathLike, task_class: type[T], task: str, hint: str = ''
 ) -> tuple[T, ModelCard]:
     """The trained task of a fine-tuning run folder and its card.
 
@@ -358,16 +436,10 @@ def load_trained[T: BaseTask](
     return trained, card
 
 
-def encoder_provenance(encoder: Path, card: ModelCard) -> dict[str, Any]:
-    """How a model card records the pretrained encoder a model started from."""
-    weights = encoder / ENCODER_NAME if encoder.is_dir() else encoder
-    return {'path': str(weights.resolve()), 'sha256': sha256_file(weights), 'card': card.to_dict()}
-
-
 def _segmentation_card(
     config: SegmentConfig,
     data: SegmentationDataModule,
-    encoder_card: ModelCard | None,
+    encoder: EncoderInit,
     colors: list[tuple[int, int, int] | None] | None,
 ) -> ModelCard:
     """The card of a trained segmentation model (see the module docstring)."""
@@ -377,14 +449,10 @@ def _segmentation_card(
         for i, name in enumerate(data.class_names)
     ]
     images = data.images
-    provenance: dict[str, Any] = {'decoder': config.decoder}
-    if config.encoder is not None:
-        assert encoder_card is not None
-        provenance['encoder'] = encoder_provenance(Path(config.encoder), encoder_card)
     return ModelCard(
         method='supervised',
-        backbone=encoder_card.backbone if encoder_card is not None else config.backbone,
-        backbone_kwargs=dict(encoder_card.backbone_kwargs) if encoder_card is not None else {},
+        backbone=encoder.backbone,
+        backbone_kwargs=dict(encoder.backbone_kwargs),
         bands=list(images.band_names),
         band_indices=list(images.band_indexes),
         mean=data.mean.tolist(),
@@ -406,6 +474,6 @@ def _segmentation_card(
         task='segmentation',
         classes=classes,
         tile_size=config.patch_size,
-        provenance=provenance,
+        provenance={'decoder': config.decoder, **encoder.provenance()},
     )
 

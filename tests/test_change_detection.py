@@ -284,6 +284,39 @@ def test_detect_changes_over_several_pairs(scene_pair, encoder3: Path, tmp_path:
     assert isinstance(frames['before_after'].polygons, gpd.GeoDataFrame)
 
 
+def test_detect_changes_skip_existing_resumes(scene_pair, encoder3: Path, tmp_path: Path) -> None:
+    before, after = scene_pair
+    out = tmp_path / 'out'
+    skipped: list[str] = []
+    options = dict(
+        encoder=encoder3, out_dir=out, raster=True, threshold=0.05, progress=False,
+        skip_existing=True, on_skip=skipped.append,
+    )  # fmt: skip
+    pairs = [(before, after), (after, before)]
+    assert list(geocmid.api.detect_changes(pairs, **options)) == ['before_after', 'after_before']
+    outputs = sorted(out.glob('*_*.gpkg')) + sorted(out.glob('*_change.tif'))
+    assert len(outputs) == 4
+    written = {path: path.stat().st_mtime_ns for path in outputs}
+
+    assert geocmid.api.detect_changes(pairs, **options) == {}
+    assert skipped == ['before_after', 'after_before']
+    assert {path: path.stat().st_mtime_ns for path in outputs} == written
+
+    # A change raster that is no COG (e.g. replaced by hand) makes its pair run again.
+    rasterio.open(
+        out / 'after_before_change.tif', 'w', driver='GTiff', width=600, height=600, count=1,
+        dtype='uint8',
+    ).close()  # fmt: skip
+    skipped.clear()
+    assert list(geocmid.api.detect_changes(pairs, **options)) == ['after_before']
+    assert skipped == ['before_after']
+    assert validate_cog(out / 'after_before_change.tif') == []
+    assert (out / 'before_after.gpkg').stat().st_mtime_ns == written[out / 'before_after.gpkg']
+
+    with pytest.raises(InputError, match='--skip-existing: cannot be combined with --overwrite'):
+        geocmid.api.detect_changes(pairs, **options, overwrite=True)
+
+
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in args])

@@ -232,6 +232,40 @@ def test_mixed_band_counts_name_both_files(
     assert 'has 3' in message
 
 
+def test_rgb_mode_converts_grayscale_palette_and_one_band_tiff(
+    tmp_path: Path, make_geotiff: Callable[..., Path]
+) -> None:
+    rgb = ramp(4, 4, 3)
+    save_image(tmp_path / 'a_rgb.png', rgb)
+    save_image(tmp_path / 'b_gray.png', np.full((4, 4), 77, dtype=np.uint8))
+    paletted = Image.fromarray(np.zeros((4, 4), dtype=np.uint8), mode='P')
+    paletted.putpalette([10, 20, 30] + [0] * 765)
+    paletted.save(tmp_path / 'c_palette.png')
+    make_geotiff('d_gray.tif', np.full((1, 4, 4), 9, dtype=np.uint8), crs=None)
+    with pytest.raises(InputError, match='same number of bands'):
+        ChipFolder(tmp_path)
+
+    dataset = ChipFolder(tmp_path, mode='rgb')
+
+    assert dataset.num_bands == 3
+    images = [dataset[index]['image'] for index in range(len(dataset))]
+    assert [tuple(image.shape) for image in images] == [(3, 4, 4)] * 4
+    np.testing.assert_array_equal(images[0].numpy(), rgb.transpose(2, 0, 1))
+    assert images[1][:, 0, 0].tolist() == [77, 77, 77]
+    assert images[2][:, 0, 0].tolist() == [10, 20, 30]
+    assert images[3][:, 0, 0].tolist() == [9, 9, 9]
+
+
+def test_rgb_mode_rejects_tiffs_of_other_band_counts(
+    tmp_path: Path, make_geotiff: Callable[..., Path]
+) -> None:
+    save_image(tmp_path / 'a.png', ramp(4, 4, 3))
+    multi = make_geotiff('b.tif', np.ones((4, 4, 4), dtype=np.uint8), crs=None)
+    with pytest.raises(InputError, match='has 4 bands; an RGB image needs 1 or 3') as error:
+        ChipFolder(tmp_path, mode='rgb')
+    assert error.value.source == str(multi)
+
+
 def test_too_few_classes(tmp_path: Path) -> None:
     save_image(tmp_path / 'only' / 'a.png', ramp(4, 4, 3))
     with pytest.raises(InputError, match=r'1 class sub-folder\(s\) with images \(only\)'):
@@ -254,6 +288,7 @@ def test_labelled_image_outside_class_folders(tmp_path: Path) -> None:
         ({'size': 0}, 'size'),
         ({'resize': 'stretch'}, 'resize'),
         ({'require_classes': -1}, 'require_classes'),
+        ({'mode': 'cmyk'}, 'mode'),
     ],
 )
 def test_bad_options(tmp_path: Path, options: dict[str, object], source: str) -> None:

@@ -209,3 +209,53 @@ def test_unwritable_folder(run_dir: Path, tmp_path: Path) -> None:
     finally:
         out.chmod(0o755)
     assert code == 2 and list(out.iterdir()) == []
+
+
+def test_skip_existing_resumes_a_run(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tile(tmp_path / 'in' / 'a.tif')
+    tile(tmp_path / 'in' / 'b.tif', row=200, col=300)
+    output = tmp_path / 'maps'
+    argv = ['segment', tmp_path / 'in', '-o', output, '--model', run_dir, '--quiet',
+            '--skip-existing']  # fmt: skip
+    assert run(argv) == 0
+    outputs = [output / name for name in ('a.gpkg', 'a.tif', 'b.gpkg', 'b.tif')]
+    assert all(path.is_file() for path in outputs)
+    written = {p: p.stat().st_mtime_ns for p in outputs}
+    capsys.readouterr()
+
+    # Everything complete: both scenes are skipped and no file is touched.
+    assert run(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in outputs} == written
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ['a: skipped, outputs complete', 'b: skipped, outputs complete']
+
+    # A missing GeoPackage and a leftover hidden temporary file: only scene b runs again.
+    (output / 'b.gpkg').unlink()
+    (output / '.b.partial.gpkg').write_bytes(b'killed mid-write')
+    assert run(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == 'a: skipped, outputs complete' and out[1].startswith('b: ')
+    assert len(out) == 2
+    assert (output / 'a.tif').stat().st_mtime_ns == written[output / 'a.tif']
+    assert (output / 'b.tif').stat().st_mtime_ns > written[output / 'b.tif']
+    assert gpd.read_file(output / 'b.gpkg', layer='predictions').crs is not None
+    assert validate_cog(output / 'b.tif') == []
+    assert not (output / '.b.partial.gpkg').exists()
+
+
+def test_skip_existing_conflicts(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    scene = tile(tmp_path / 'a.tif')
+    code = run(['segment', scene, '-o', tmp_path / 'maps', '--model', run_dir, '--quiet',
+                '--skip-existing', '--overwrite'])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'error: --skip-existing: cannot be combined with --overwrite'
+    assert not (tmp_path / 'maps' / 'a.gpkg').exists()
+    code = run(['segment', scene, '-o', tmp_path / 'a.gpkg', '--model', run_dir,
+                '--skip-existing'])  # fmt: skip
+    assert code == 2
+    assert not (tmp_path / 'a.gpkg').exists()

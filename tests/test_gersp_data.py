@@ -97,13 +97,21 @@ def test_natural_folder_with_one_class(rasters: Path, tmp_path: Path) -> None:
         make_data(rasters, natural)
 
 
-def test_natural_images_must_be_rgb(rasters: Path, tmp_path: Path) -> None:
+def test_grayscale_and_cmyk_natural_images_are_read_as_rgb(
+    rasters: Path, tmp_path: Path
+) -> None:
+    # ImageNet mixes a few grayscale and CMYK JPEGs among the RGB ones.
     natural = tmp_path / 'natural'
-    for name in ('a', 'b'):
-        (natural / name).mkdir(parents=True)
-        Image.new('L', (32, 32), 100).save(natural / name / 'gray.png')
-    with pytest.raises(InputError, match='natural images must be RGB, found 1 band'):
-        make_data(rasters, natural)
+    (natural / 'a').mkdir(parents=True)
+    (natural / 'b').mkdir(parents=True)
+    Image.new('L', (32, 32), 100).save(natural / 'a' / 'gray.jpg')
+    Image.new('CMYK', (32, 32), (0, 0, 0, 0)).save(natural / 'b' / 'cmyk.jpg')
+    data = make_data(rasters, natural)
+    assert data.natural.num_bands == 3
+    gray, cmyk = data.natural[0]['image'], data.natural[1]['image']
+    assert gray.shape == cmyk.shape == (3, 32, 32)
+    torch.testing.assert_close(gray, torch.full((3, 32, 32), 100.0), atol=1.0, rtol=0)
+    torch.testing.assert_close(cmyk, torch.full((3, 32, 32), 255.0), atol=1.0, rtol=0)
 
 
 def test_natural_images_from_the_shared_classification_set(

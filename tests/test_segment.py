@@ -21,12 +21,18 @@ from rasterio.windows import Window
 import geocmid
 from geocmid.errors import InputError
 from geocmid.inference.jobs import run_jobs
-from geocmid.inference.outputs import check_outputs, provenance_tags, unique_names
+from geocmid.inference.outputs import (
+    check_item_outputs,
+    check_outputs,
+    outputs_complete,
+    provenance_tags,
+    unique_names,
+)
 from geocmid.inference.bands import model_bands
 from geocmid.inference.segment import SegmentationModel, find_scenes, segment_scenes
 from geocmid.inference.tiling import TileGrid
 from geocmid.io.cards import ModelCard
-from geocmid.io.cog import validate_cog
+from geocmid.io.cog import validate_cog, write_cog
 from geocmid.training import SegmentConfig, train_segmentation
 
 from conftest import SAMPLE_DATA, write_geotiff
@@ -216,6 +222,33 @@ def test_check_outputs(tmp_path: Path) -> None:
     ]:
         with pytest.raises(InputError, match=problem):
             check_outputs(paths, overwrite, inputs=[scene])
+
+
+def test_outputs_complete_and_skipping(tmp_path: Path) -> None:
+    plain = write_geotiff(tmp_path / 'plain.tif', np.ones((1, 8, 8), np.uint8), crs='EPSG:32631')
+    cog = write_cog(plain, tmp_path / 'cog.tif', resampling='nearest')
+    frame = gpd.GeoDataFrame({'class_id': [1]}, geometry=[shapely.box(0, 0, 1, 1)], crs=32631)
+    frame.to_file(tmp_path / 'a.gpkg', layer='predictions')
+    (tmp_path / 'broken.tif').write_bytes(cog.read_bytes()[:100])
+    (tmp_path / 'broken.gpkg').write_text('not a GeoPackage')
+
+    assert outputs_complete([tmp_path / 'a.gpkg', cog, None], 'predictions')
+    for paths, layer in [
+        ([tmp_path / 'a.gpkg', cog], 'changes'),  # another product's layer
+        ([tmp_path / 'a.gpkg', plain], 'predictions'),  # a GeoTIFF but no COG
+        ([tmp_path / 'a.gpkg', tmp_path / 'broken.tif'], 'predictions'),
+        ([tmp_path / 'broken.gpkg', cog], 'predictions'),
+        ([tmp_path / 'a.gpkg', tmp_path / 'missing.tif'], 'predictions'),
+    ]:
+        assert not outputs_complete(paths, layer)
+
+    done = [tmp_path / 'a.gpkg', cog]
+    assert check_item_outputs(done, 'predictions', overwrite=False, skip_existing=True)
+    # Incomplete outputs are to be replaced when resuming, and refused otherwise.
+    partial = [tmp_path / 'a.gpkg', plain]
+    assert not check_item_outputs(partial, 'predictions', overwrite=False, skip_existing=True)
+    with pytest.raises(InputError, match='exists; use --overwrite'):
+        check_item_outputs(done, 'predictions', overwrite=False, skip_existing=False)
 
 
 def test_unique_names() -> None:

@@ -49,6 +49,10 @@ PIL_CONVERSIONS = {
     'HSV': 'RGB',
 }
 
+#: How chips are decoded: None keeps the bands as stored; ``'rgb'`` gives every chip three
+#: bands (see :func:`read_chip`), for natural-image folders that mix RGB, grayscale and CMYK.
+type ChipMode = Literal['rgb'] | None
+
 
 @contextmanager
 def _reading(path: Path) -> Iterator[None]:
@@ -68,21 +72,33 @@ def _reading(path: Path) -> Iterator[None]:
         raise InputError(path, f'cannot read image: {message}') from error
 
 
-def _band_count(path: Path) -> int:
+def _check_rgb_tiff(path: Path, count: int) -> None:
+    """Fail unless a TIFF of ``count`` bands can be read as RGB (gray is repeated)."""
+    if count not in (1, 3):
+        raise InputError(path, f'has {count} bands; an RGB image needs 1 or 3')
+
+
+def _band_count(path: Path, mode: ChipMode = None) -> int:
     """Number of bands ``read_chip`` returns for ``path``, read from the header only.
 
     Raises:
-        InputError: if the file is not a readable image.
+        InputError: if the file is not a readable image, or (``mode='rgb'``) a TIFF with
+            neither 1 nor 3 bands.
     """
     with _reading(path):
         if path.suffix.lower() in TIFF_SUFFIXES:
             with rasterio.open(path) as src:
-                return int(src.count)
+                count = int(src.count)
+            if mode == 'rgb':
+                _check_rgb_tiff(path, count)
+                return 3
+            return count
         with Image.open(path) as image:
-            return Image.getmodebands(PIL_CONVERSIONS.get(image.mode, image.mode))
+            decoded = 'RGB' if mode == 'rgb' else PIL_CONVERSIONS.get(image.mode, image.mode)
+            return Image.getmodebands(decoded)
 
 
-def read_chip(path: str | os.PathLike[str]) -> Tensor:
+def read_chip(path: str | os.PathLike[str], mode: ChipMode = None) -> Tensor:
     """Read one image as float32 (C, H, W) with its raw pixel values (not normalised).
 
     TIFFs are read with rasterio (any band count and dtype). JPEG and PNG are read with PIL;
@@ -90,12 +106,15 @@ def read_chip(path: str | os.PathLike[str]) -> Tensor:
 
     Args:
         path: the image file.
+        mode: None reads the bands as stored; ``'rgb'`` converts JPEG and PNG to RGB with PIL
+            (grayscale, palette, CMYK; alpha is dropped) and repeats a 1-band TIFF three times.
 
     Returns:
         the image, float32 (C, H, W).
 
     Raises:
-        InputError: if the file cannot be read as an image.
+        InputError: if the file cannot be read as an image, or (``mode='rgb'``) is a TIFF with
+            neither 1 nor 3 bands.
     """
     path = Path(path)
     array: npt.NDArray[np.generic]
@@ -103,10 +122,13 @@ def read_chip(path: str | os.PathLike[str]) -> Tensor:
         if path.suffix.lower() in TIFF_SUFFIXES:
             with rasterio.open(path) as src:
                 array = src.read()
+            if mode == 'rgb':
+                _check_rgb_tiff(path, len(array))
+                array = array.repeat(3 // len(array), axis=0)
         else:
             with Image.open(path) as image:
-                mode = PIL_CONVERSIONS.get(image.mode)
-                array = np.asarray(image.convert(mode) if mode else image)
+                target = 'RGB' if mode == 'rgb' else PIL_CONVERSIONS.get(image.mode)
+                array = np.asarray(image.convert(target) if target else image)
             array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array.astype(np.float32))
 
@@ -142,8 +164,9 @@ class ChipFolder(NonGeoDataset):
     image is the name of the first-level sub-folder holding it (at any depth below), and class
     indices follow the sorted class names. Sub-folders holding no image are not classes.
 
-    All images must have the same number of bands; this and readability are checked from the
-    file headers when the dataset is built, so a bad file is named before training starts.
+    All images must have the same number of bands, unless ``mode='rgb'`` converts each to RGB;
+    this and readability are checked from the file headers when the dataset is built, so a bad
+    file is named before training starts.
     TorchGeo's ``NonGeoClassificationDataset`` is not used because it requires class
     sub-folders and decodes every image through PIL, which drops multi-band TIFFs.
     """
@@ -155,6 +178,7 @@ class ChipFolder(NonGeoDataset):
         size: int | None = None,
         resize: Literal['crop', 'squash'] = 'crop',
         require_classes: int = 0,
+        mode: ChipMode = None,
         transforms: Callable[[Sample], Sample] | None = None,
     ) -> None:
         """Index the images under ``root`` and check them.
@@ -170,6 +194,9 @@ class ChipFolder(NonGeoDataset):
                 aspect ratio; ``'squash'`` resizes both sides to ``size``, keeping all content.
             require_classes: 0 for unlabelled samples; otherwise samples carry a ``label`` and
                 at least this many class sub-folders must hold images.
+            mode: None keeps each image's bands as stored (all must have as many); ``'rgb'``
+                converts every image to 3 bands (see :func:`read_chip`), as natural-image
+                collections such as ImageNet mix RGB, grayscale and CMYK JPEGs.
             transforms: a function applied to each sample dict.
 
         Raises:
@@ -183,9 +210,12 @@ class ChipFolder(NonGeoDataset):
             raise InputError('resize', f"must be 'crop' or 'squash', got {resize!r}")
         if require_classes < 0:
             raise InputError('require_classes', f'must be 0 or more, got {require_classes}')
+        if mode not in (None, 'rgb'):
+            raise InputError('mode', f"must be None or 'rgb', got {mode!r}")
         self.root = Path(root)
         self.size = size
         self.resize = resize
+        self.mode = mode
         self.transforms = transforms
         self.labelled = require_classes > 0
 
@@ -218,9 +248,9 @@ class ChipFolder(NonGeoDataset):
             InputError: naming two files whose band counts differ.
         """
         first = self.files[0]
-        expected = _band_count(first)
+        expected = _band_count(first, self.mode)
         for path in self.files[1:]:
-            count = _band_count(path)
+            count = _band_count(path, self.mode)
             if count != expected:
                 raise InputError(
                     path,
@@ -263,7 +293,7 @@ class ChipFolder(NonGeoDataset):
         Returns:
             ``{'image': float32 (C, H, W)}``, plus ``'label'`` (int64 scalar) when labelled.
         """
-        image = read_chip(self.files[index])
+        image = read_chip(self.files[index], self.mode)
         if self.size is not None:
             image = resize_chip(image, self.size, self.resize)
         sample = {'image': image}

@@ -20,10 +20,9 @@ from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets.utils import Sample
 
 from ..errors import InputError
+from ..types import PathLike
 from .augment import fine_tuning_augmentations
 from .chips import ChipFolder, chip_statistics, stratified_split
-
-type PathLike = str | os.PathLike[str]
 
 
 class SelectBands:

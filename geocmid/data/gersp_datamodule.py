@@ -7,9 +7,10 @@ means the same with or without natural images (the official epoch was one pass o
 gersp.md 12). Natural images are drawn in a fresh random order every epoch, a different one on
 each device, wrapping around when the folder has fewer images than an epoch needs.
 
-Natural images are read as 8-bit RGB (JPEG, PNG or TIFF), resized to the patch size (shorter side,
-then the centre square) and normalised on the device with ImageNet statistics, as the official
-code did (gersp.md 4.2); the task maps them onto the rasters' bands.
+Natural images are read as 8-bit RGB (JPEG, PNG or TIFF; grayscale, palette and CMYK images, a
+few of which ImageNet holds, are converted), resized to the patch size (shorter side, then the
+centre square) and normalised on the device with ImageNet statistics, as the official code did
+(gersp.md 4.2); the task maps them onto the rasters' bands.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class GeRSPDataModule(PretrainDataModule):
 
         Raises:
             InputError: If ``natural_images`` is missing, is not a folder, holds no images, has
-                fewer than two classes or images that are not RGB; or for bad patch data.
+                fewer than two classes or a TIFF with neither 1 nor 3 bands; or for bad patch
+                data.
         """
         if natural_images is None:
             raise InputError(
@@ -66,10 +68,10 @@ class GeRSPDataModule(PretrainDataModule):
                 'GeRSP needs a folder of natural images, one sub-folder per class',
             )
         super().__init__(**kwargs)
-        self.natural = ChipFolder(natural_images, size=self.patch_size, require_classes=2)
-        if self.natural.num_bands != 3:
-            bands = self.natural.num_bands
-            raise InputError(natural_images, f'natural images must be RGB, found {bands} band(s)')
+        # ImageNet holds some grayscale and CMYK JPEGs among the RGB ones: all are read as RGB.
+        self.natural = ChipFolder(
+            natural_images, size=self.patch_size, require_classes=2, mode='rgb'
+        )
         self.class_names = list(self.natural.classes)
         self.natural_mean = torch.tensor(NATURAL_MEAN)
         self.natural_std = torch.tensor(NATURAL_STD)

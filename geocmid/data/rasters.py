@@ -26,9 +26,9 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from ..errors import InputError
+from ..types import PathLike
 from .stats import BandStats, sample_windows
 
-type PathLike = str | os.PathLike[str]
 type BandSelection = Sequence[int | str]
 
 #: Extensions searched for when a folder is given (case-insensitive). Files named explicitly

@@ -44,14 +44,22 @@ from ..io.cog import GDAL_CACHE_BYTES, PredictionWriter, gdal_cache_limit
 from ..io.vectors import polygonize
 from ..models.weights import ENCODER_NAME, load_encoder, sha256_file
 from ..training import MODEL_NAME
+from ..types import PathLike
 from .bands import model_bands
 from .engine import predict_scene
-from .jobs import ErrorHandler, default_tile, resolve_device, run_jobs
-from .outputs import check_outputs, output_folder, provenance_tags
+from .jobs import ErrorHandler, SkipHandler, default_tile, resolve_device, run_jobs
+from .outputs import (
+    check_item_outputs,
+    check_outputs,
+    check_resume,
+    output_folder,
+    provenance_tags,
+)
 from .reader import normalise_window
 from .tiling import Blend
 
-type PathLike = str | os.PathLike[str]
+#: GeoPackage layer of the change polygons.
+LAYER = 'changes'
 
 #: Bins of the change-score histogram behind Otsu's threshold (a resolution of 1/1024).
 OTSU_BINS = 1024
@@ -343,6 +351,11 @@ class PairJob:
     raster: Path | None
     probabilities: Path | None
 
+    @property
+    def outputs(self) -> list[Path | None]:
+        """GeoPackage, change raster and scores (None when not asked for)."""
+        return [self.vector, self.raster, self.probabilities]
+
 
 def check_pair(
     before: PathLike,
@@ -415,7 +428,7 @@ def detect_change(
         after: the later image.
         model: a run folder of ``geocmid train change`` or a loaded :class:`ChangeModel`
             (:meth:`ChangeModel.from_encoder` for label-free detection).
-        vector: GeoPackage of change polygons to write (layer 'changes').
+        vector: GeoPackage of change polygons to write (layer :data:`LAYER`).
         raster: binary change COG to write (uint8: 0 no change, 1 change, 255 nodata).
         probabilities: change-score COG to write (probability of change, or the label-free
             feature distance in [0, 1]).
@@ -498,7 +511,7 @@ def detect_change(
         polygons = polygonize(
             labels_path, vector, probabilities_path=scores_path,
             class_names=[c.name for c in CHANGE_CLASSES], background=0,
-            min_area=min_area, simplify=simplify, layer='changes', overwrite=overwrite,
+            min_area=min_area, simplify=simplify, layer=LAYER, overwrite=overwrite,
         )  # fmt: skip
     return ChangeResult(
         polygons,
@@ -553,8 +566,10 @@ def detect_changes(
     device: torch.device | str = 'auto',
     fail_fast: bool = True,
     on_error: ErrorHandler | None = None,
+    on_skip: SkipHandler | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    skip_existing: bool = False,
     **settings: Any,
 ) -> dict[str, ChangeResult]:
     """Detect changes in many pairs, each after image aligned onto its before image's grid.
@@ -582,29 +597,39 @@ def detect_changes(
         fail_fast: stop at the first bad pair; otherwise report it through ``on_error`` and
             go on with the others.
         on_error: called with a pair's name and its error when ``fail_fast`` is False.
+        on_skip: called with the name of each pair skipped by ``skip_existing``.
         progress: show a progress bar over the pairs.
         overwrite: replace existing outputs.
+        skip_existing: resume an interrupted run: skip the pairs whose outputs all exist and
+            are complete (:func:`~geocmid.inference.outputs.outputs_complete`) and process the
+            others again, replacing partial or invalid outputs. Needs ``out_dir``.
         **settings: the options of :func:`detect_change` (threshold, min_area, simplify, tile,
             overlap, batch_size, blend, nodata, probability_dtype).
 
     Returns:
-        The result of each pair that succeeded (polygons, threshold, paths), by pair name
-        (``<before stem>_<after stem>`` unless the CSV names it).
+        The result of each pair that was processed (not skipped) and succeeded (polygons,
+        threshold, paths), by pair name (``<before stem>_<after stem>`` unless the CSV names
+        it).
 
     Raises:
-        InputError: a bad pair list, model or output folder; with ``fail_fast``, the first
-            bad pair, named in the message.
+        InputError: a bad pair list, model or output folder, ``skip_existing`` with
+            ``overwrite`` or without ``out_dir``; with ``fail_fast``, the first bad pair, named
+            in the message.
     """
+    check_resume(overwrite, skip_existing)
     records = pair_records(pairs)
     loaded = model if isinstance(model, ChangeModel) else change_model(model, encoder=encoder)
     folder = None if out_dir is None else output_folder(out_dir)
     if folder is None and (raster or probabilities):
         raise InputError('--raster', 'writing rasters needs an output folder (out_dir)')
+    if folder is None and skip_existing:
+        raise InputError('--skip-existing', 'skipping finished pairs needs an output folder')
 
     def output(name: str, wanted: bool) -> Path | None:
         return folder / name if folder is not None and wanted else None
 
     jobs: dict[str, PairJob] = {}
+    skipped: list[str] = []
     for record in records:
         job = PairJob(
             record, output(f'{record.name}.gpkg', True),
@@ -613,9 +638,15 @@ def detect_changes(
         )  # fmt: skip
         try:
             record.check_files()
+            inputs = [record.before, record.after]
+            if check_item_outputs(
+                job.outputs, LAYER, overwrite=overwrite, skip_existing=skip_existing, inputs=inputs
+            ):
+                skipped.append(record.name)
+                continue
             check_pair(
-                record.before, record.after, loaded, [job.vector, job.raster, job.probabilities],
-                overwrite=overwrite, nodata=settings.get('nodata'), bands=settings.get('bands'),
+                record.before, record.after, loaded, nodata=settings.get('nodata'),
+                bands=settings.get('bands'),
             )  # fmt: skip
         except InputError as exc:
             error = _named(record, exc)
@@ -624,10 +655,11 @@ def detect_changes(
             on_error(record.name, error)
             continue
         jobs[record.name] = job
-    options = {**settings, 'overwrite': overwrite}
+    # Resuming replaces the leftovers of the pairs that run again.
+    options = {**settings, 'overwrite': overwrite or skip_existing}
     return run_jobs(
         jobs, partial(_runner, loaded, options), devices=[device], fail_fast=fail_fast,
-        on_error=on_error, progress=progress, unit='pair',
+        on_error=on_error, skipped=skipped, on_skip=on_skip, progress=progress, unit='pair',
     )  # fmt: skip
 
 

@@ -4,7 +4,8 @@ Many inputs run one after the other in this process on one device, or, given sev
 in one worker process per device. Each worker is pinned to its device for its whole life and
 builds its runner (loads the model) once; inputs go to whichever worker is free next, so a
 large scene does not hold back the others queued behind it on a round-robin schedule. A bad
-input is reported by name and, unless ``fail_fast``, the other inputs still run.
+input is reported by name and, unless ``fail_fast``, the other inputs still run. Inputs already
+done by an earlier run (``--skip-existing``) are reported as skipped and count as progress.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ type RunnerFactory[J, R] = Callable[[torch.device], Callable[[J], R]]
 
 #: Called with the input's name and its error when a job fails and ``fail_fast`` is off.
 type ErrorHandler = Callable[[str, InputError], None]
+
+#: Called with the name of each input skipped because its outputs are complete already.
+type SkipHandler = Callable[[str], None]
 
 # The runner of a worker process, built by _start_worker, or why it could not be built.
 _runner: Callable[[object], object] | None = None
@@ -75,6 +79,8 @@ def run_jobs[J, R](
     devices: Sequence[torch.device | str] = ('auto',),
     fail_fast: bool = True,
     on_error: ErrorHandler | None = None,
+    skipped: Sequence[str] = (),
+    on_skip: SkipHandler | None = None,
     progress: bool = True,
     unit: str = 'scene',
 ) -> dict[str, R]:
@@ -89,6 +95,9 @@ def run_jobs[J, R](
             (the same device may be listed twice, e.g. two CPU workers).
         fail_fast: stop at the first bad input; otherwise report it to ``on_error`` and go on.
         on_error: called with the input's name and its error when ``fail_fast`` is False.
+        skipped: inputs left out because their outputs are complete already; they are reported
+            to ``on_skip`` and counted as done by the progress bar.
+        on_skip: called with the name of each skipped input, before any job runs.
         progress: show a progress bar over the inputs.
         unit: what an input is, for the progress bar.
 
@@ -109,7 +118,13 @@ def run_jobs[J, R](
             raise error from None
         on_error(name, error)
 
-    bar = tqdm(total=len(jobs), unit=unit, desc=f'{unit}s', disable=not progress)
+    for name in skipped:
+        if on_skip is not None:
+            on_skip(name)
+    bar = tqdm(
+        total=len(jobs) + len(skipped), initial=len(skipped), unit=unit, desc=f'{unit}s',
+        disable=not progress, postfix={'skipped': len(skipped)} if skipped else None,
+    )  # fmt: skip
     with bar:
         if len(devices) == 1:
             run = runner(resolve_device(devices[0]))

@@ -1,7 +1,8 @@
 """The files an inference run writes: checked up front, named per input, tagged with provenance.
 
 Shared by every whole-scene product (segmentation, change detection), so that all of them refuse
-the same bad outputs before any computation and record the same provenance.
+the same bad outputs before any computation, resume many-input runs the same way and record the
+same provenance.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import pyogrio
+from pyogrio.errors import DataSourceError
+from rasterio.errors import RasterioError
+
 import geocmid
 
 from ..errors import InputError
 from ..io.atomic import check_writable
+from ..io.cog import validate_cog
 from ..models.weights import sha256_file
+from ..types import PathLike
 from .tiling import default_overlap
-
-type PathLike = str | os.PathLike[str]
 
 
 def check_outputs(
@@ -49,6 +54,75 @@ def check_outputs(
             raise InputError(path, 'is given for two outputs')
         seen.add(resolved)
     return targets
+
+
+def check_resume(overwrite: bool, skip_existing: bool) -> None:
+    """Refuse ``skip_existing`` with ``overwrite``: one keeps finished outputs, the other not.
+
+    Raises:
+        InputError: both are set.
+    """
+    if overwrite and skip_existing:
+        raise InputError('--skip-existing', 'cannot be combined with --overwrite')
+
+
+def outputs_complete(paths: Iterable[PathLike | None], layer: str) -> bool:
+    """Whether every output of one input exists and is complete.
+
+    A GeoPackage must open and hold ``layer``; any other output must be a valid COG
+    (:func:`~geocmid.io.cog.validate_cog`). Outputs are written atomically, so an interrupted
+    run leaves the final paths absent rather than truncated; these checks also catch files
+    damaged or replaced since.
+
+    Args:
+        paths: the outputs; None entries (outputs not asked for) are ignored.
+        layer: the layer each GeoPackage must hold.
+    """
+    for path in (Path(p) for p in paths if p is not None):
+        if not path.is_file():
+            return False
+        try:
+            if path.suffix.lower() == '.gpkg':
+                if layer not in pyogrio.list_layers(path)[:, 0]:
+                    return False
+            elif validate_cog(path):
+                return False
+        except (DataSourceError, RasterioError, OSError):
+            return False
+    return True
+
+
+def check_item_outputs(
+    paths: Sequence[PathLike | None],
+    layer: str,
+    *,
+    overwrite: bool,
+    skip_existing: bool,
+    inputs: Iterable[PathLike] = (),
+) -> bool:
+    """Check the outputs of one input of a many-input run; True when it is done already.
+
+    With ``skip_existing``, complete outputs (:func:`outputs_complete`) mark the input as done;
+    otherwise its outputs must be writable (:func:`check_outputs`), and with ``skip_existing``
+    partial or invalid leftovers may be replaced, since the input is computed again.
+
+    Args:
+        paths: the input's outputs; None entries are ignored.
+        layer: the layer of its GeoPackage.
+        overwrite: whether existing files may be replaced.
+        skip_existing: whether an input with complete outputs is skipped.
+        inputs: the run's input files, which no output may replace.
+
+    Returns:
+        True when the input is to be skipped.
+
+    Raises:
+        InputError: see :func:`check_outputs`.
+    """
+    if skip_existing and outputs_complete(paths, layer):
+        return True
+    check_outputs(paths, overwrite or skip_existing, inputs)
+    return False
 
 
 def output_folder(path: PathLike) -> Path:

@@ -38,14 +38,20 @@ from ..io.cog import PredictionWriter
 from ..io.vectors import metres_to_crs_units, polygonize
 from ..models.weights import sha256_file
 from ..training import MODEL_NAME, load_segmentation_model
+from ..types import PathLike
 from .bands import model_bands
 from .engine import InferenceStats, predict_scene
-from .jobs import ErrorHandler, cuda_devices, default_tile, resolve_device, run_jobs
-from .outputs import check_outputs, output_folder, provenance_tags, unique_names
+from .jobs import ErrorHandler, SkipHandler, cuda_devices, default_tile, resolve_device, run_jobs
+from .outputs import (
+    check_item_outputs,
+    check_outputs,
+    check_resume,
+    output_folder,
+    provenance_tags,
+    unique_names,
+)
 from .reader import SceneReader, open_scene
 from .tiling import Blend
-
-type PathLike = str | os.PathLike[str]
 
 #: ``'scene'`` (or None): the scene's own grid; ``'model'``: the card's ground resolution; a
 #: number: that resolution in metres. Outputs always come back on the scene's grid.
@@ -53,6 +59,9 @@ type Resolution = float | Literal['scene', 'model'] | None
 
 #: Suffix of the probability raster of a scene in an output folder: ``<name>_probabilities.tif``.
 PROBABILITIES_SUFFIX = '_probabilities'
+
+#: GeoPackage layer of the class polygons.
+LAYER = 'predictions'
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,11 @@ class SceneJob:
     vector: Path
     raster: Path
     probabilities: Path | None
+
+    @property
+    def outputs(self) -> list[Path | None]:
+        """GeoPackage, labels and probabilities (None when not asked for)."""
+        return [self.vector, self.raster, self.probabilities]
 
 
 def find_scenes(scenes: PathLike | Iterable[PathLike]) -> list[Path]:
@@ -246,7 +260,7 @@ def segment_scene(
         scene: the scene (any georeferenced raster GDAL reads).
         model: a run folder of ``geocmid train segment`` or a loaded model
             (:meth:`SegmentationModel.load`).
-        vector: GeoPackage of class polygons to write (layer 'predictions').
+        vector: GeoPackage of class polygons to write (layer :data:`LAYER`).
         raster: label COG to write (class ids, the card's palette and class names).
         probabilities: probability COG to write (one band per class).
         bands: scene bands to feed the model (see :func:`model_bands`); default the card's.
@@ -311,7 +325,7 @@ def segment_scene(
         polygons = polygonize(
             labels_path, vector, probabilities_path=scores_path,
             class_names=[c.name for c in classes], min_area=min_area, simplify=simplify,
-            overwrite=overwrite,
+            layer=LAYER, overwrite=overwrite,
         )  # fmt: skip
     return SegmentResult(
         polygons,
@@ -332,8 +346,10 @@ def segment_scenes(
     device: torch.device | str = 'auto',
     fail_fast: bool = True,
     on_error: ErrorHandler | None = None,
+    on_skip: SkipHandler | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    skip_existing: bool = False,
     **settings: Any,
 ) -> dict[str, SegmentResult]:
     """Segment many scenes into an output folder: ``<name>.gpkg`` and ``<name>.tif`` each.
@@ -359,30 +375,40 @@ def segment_scenes(
         fail_fast: stop at the first bad scene; otherwise report it through ``on_error`` and
             go on with the others.
         on_error: called with a scene's name and its error when ``fail_fast`` is False.
+        on_skip: called with the name of each scene skipped by ``skip_existing``.
         progress: show a progress bar over the scenes.
         overwrite: replace existing outputs.
+        skip_existing: resume an interrupted run: skip the scenes whose outputs all exist and
+            are complete (:func:`~geocmid.inference.outputs.outputs_complete`) and segment the
+            others again, replacing partial or invalid outputs.
         **settings: the options of :func:`segment_scene` (bands, nodata, resolution, tile,
             overlap, batch_size, blend, probability_dtype, min_area, simplify).
 
     Returns:
-        The result of each scene that succeeded, by name.
+        The result of each scene that was segmented (not skipped) and succeeded, by name.
 
     Raises:
-        InputError: a bad model, output folder or device list; with ``fail_fast``, the first
-            bad scene.
+        InputError: a bad model, output folder or device list, ``skip_existing`` with
+            ``overwrite``; with ``fail_fast``, the first bad scene.
     """
+    check_resume(overwrite, skip_existing)
     workers = _devices(devices, device)
     loaded = model if isinstance(model, SegmentationModel) else SegmentationModel.load(model)
     paths = find_scenes(scenes)
     folder = output_folder(out_dir)
     jobs: dict[str, SceneJob] = {}
+    skipped: list[str] = []
     for name, scene in zip(unique_names(paths), paths, strict=True):
         job = SceneJob(
             scene, folder / f'{name}.gpkg', folder / f'{name}.tif',
             folder / f'{name}{PROBABILITIES_SUFFIX}.tif' if probabilities else None,
         )  # fmt: skip
         try:
-            check_outputs([job.vector, job.raster, job.probabilities], overwrite, inputs=paths)
+            if check_item_outputs(
+                job.outputs, LAYER, overwrite=overwrite, skip_existing=skip_existing, inputs=paths
+            ):
+                skipped.append(name)
+                continue
             check_scene(
                 scene, loaded.card, [], bands=settings.get('bands'),
                 resolution=settings.get('resolution'),
@@ -393,7 +419,8 @@ def segment_scenes(
             on_error(name, exc)
             continue
         jobs[name] = job
-    options = {**settings, 'overwrite': overwrite}
+    # Resuming replaces the leftovers of the scenes that run again.
+    options = {**settings, 'overwrite': overwrite or skip_existing}
     if len(workers) == 1:
         # One device: the model loaded above runs here, the scenes one after the other.
         runner = partial(_runner_for_model, loaded, options)
@@ -401,8 +428,9 @@ def segment_scenes(
         # Several: each worker process loads the model once from the run folder.
         runner = partial(_runner_for_run_dir, loaded.run_dir, options)
     return run_jobs(
-        jobs, runner, devices=workers, fail_fast=fail_fast, on_error=on_error, progress=progress
-    )
+        jobs, runner, devices=workers, fail_fast=fail_fast, on_error=on_error, skipped=skipped,
+        on_skip=on_skip, progress=progress,
+    )  # fmt: skip
 
 
 def _devices(devices: int | Sequence[str], device: torch.device | str) -> list[str]:
