@@ -9,7 +9,7 @@ import click
 
 from geocmid.errors import InputError
 
-from .options import BANDS, echo_fine_tuning, run_folder_options
+from .options import BANDS, ItemReport, echo_fine_tuning, run_folder_options
 
 if TYPE_CHECKING:
     from geocmid.inference.change import ChangeResult
@@ -154,29 +154,15 @@ def change(
             raise click.UsageError(
                 f'with --pairs, {name} takes no path: files are named after the pairs'
             )
-    failed: list[InputError] = []
-    skipped: list[str] = []
-
-    def report(name: str, error: InputError) -> None:
-        failed.append(error)
-        click.echo(f'error: {error}', err=True)
-
-    def skip(name: str) -> None:
-        skipped.append(name)
-        click.echo(f'{name}: skipped, outputs complete')
-
+    report = ItemReport('pair')
     assert pairs is not None
     results = detect_changes(
         pairs, model=loaded, out_dir=output, raster=raster is not None,
         probabilities=probabilities is not None, threshold=_threshold(threshold),
-        fail_fast=fail_fast, on_error=report, on_skip=skip, progress=not quiet,
+        fail_fast=fail_fast, on_error=report.error, on_skip=report.skip, progress=not quiet,
         skip_existing=skip_existing, **options,
     )  # fmt: skip
-    for name, result in results.items():
-        click.echo(_summary(name, result))
-    if failed:
-        total = len(failed) + len(results) + len(skipped)
-        raise InputError(pairs, f'{len(failed)} of {total} pair(s) failed (see above)')
+    report.finish(pairs, [_summary(name, result) for name, result in results.items()])
 
 
 @click.command('change')

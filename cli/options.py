@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from geocmid.errors import InputError
+
 if TYPE_CHECKING:  # geocmid is imported only when a command runs, to keep the CLI quick
     from geocmid.training import RunResult
 
@@ -58,3 +60,35 @@ def echo_fine_tuning(result: RunResult, shown: dict[str, str]) -> None:
     click.echo(f'step {result.global_step}: {", ".join(values)}')
     click.echo(f'model: {result.model}')
     click.echo(f'model card: {result.model_card}')
+
+
+class ItemReport:
+    """Reports a many-item run (scenes, pairs) as it goes: errors and skips, one line each.
+
+    Pass :meth:`error` and :meth:`skip` as the library's ``on_error`` and ``on_skip``, then call
+    :meth:`finish` with the results: it raises when an item failed, so the exit status is 2.
+    """
+
+    def __init__(self, noun: str) -> None:
+        self.noun = noun
+        self.failed: list[InputError] = []
+        self.skipped: list[str] = []
+
+    def error(self, name: str, error: InputError) -> None:
+        """Print a failed item's one-line error."""
+        self.failed.append(error)
+        click.echo(f'error: {error}', err=True)
+
+    def skip(self, name: str) -> None:
+        """Print an item skipped because its outputs are complete."""
+        self.skipped.append(name)
+        click.echo(f'{name}: skipped, outputs complete')
+
+    def finish(self, source: object, summaries: list[str]) -> None:
+        """Print each finished item's summary; fail (exit 2) when any item failed."""
+        for summary in summaries:
+            click.echo(summary)
+        if self.failed:
+            total = len(self.failed) + len(summaries) + len(self.skipped)
+            message = f'{len(self.failed)} of {total} {self.noun}(s) failed (see above)'
+            raise InputError(str(source), message)

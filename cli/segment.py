@@ -9,7 +9,7 @@ import click
 
 from geocmid.errors import InputError
 
-from .options import parse_bands, split_list
+from .options import ItemReport, parse_bands, split_list
 
 if TYPE_CHECKING:
     from geocmid.inference.segment import SegmentResult
@@ -170,24 +170,11 @@ def segment(
             raise click.UsageError(
                 f'with an output folder, {name} takes no path: files are named after the scenes'
             )
-    failed: list[InputError] = []
-    skipped: list[str] = []
-
-    def report(name: str, error: InputError) -> None:
-        failed.append(error)
-        click.echo(f'error: {error}', err=True)
-
-    def skip(name: str) -> None:
-        skipped.append(name)
-        click.echo(f'{name}: skipped, outputs complete')
+    report = ItemReport('scene')
 
     results = segment_scenes(
         scenes, model, output, probabilities=probabilities is not None, devices=workers,
-        fail_fast=fail_fast, on_error=report, on_skip=skip, progress=not quiet,
+        fail_fast=fail_fast, on_error=report.error, on_skip=report.skip, progress=not quiet,
         skip_existing=skip_existing, **settings,
     )  # fmt: skip
-    for name, result in results.items():
-        click.echo(_summary(name, result))
-    if failed:
-        total = len(failed) + len(results) + len(skipped)
-        raise InputError(output, f'{len(failed)} of {total} scene(s) failed (see above)')
+    report.finish(output, [_summary(name, result) for name, result in results.items()])
