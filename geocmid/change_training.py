@@ -1,9 +1,9 @@
 """Change-detection fine-tuning runs: what change adds to the shared run machinery.
 
 The run folder, trainer and export come from :mod:`geocmid.runs` and
-:mod:`geocmid.training` (``model.ckpt``, ``model_card.json``, ``config.yaml`` and CSV ``logs/``); this module supplies the settings,
-the data module of labelled pairs (:class:`~geocmid.data.change_datamodule.ChangeDataModule`),
-the siamese task (:class:`~geocmid.tasks.change.Change`) and the card of a change model.
+:mod:`geocmid.training` (``model.ckpt``, ``model_card.json``, ``config.yaml`` and CSV
+``logs/``); this module supplies the settings, the data module of labelled pairs
+(:class:`~geocmid.data.change_datamodule.ChangeDataModule`), the siamese task (:class:`~geocmid.tasks.change.Change`) and the card of a change model.
 """
 
 from __future__ import annotations
