@@ -3,7 +3,8 @@
 The run folder, trainer and export come from :mod:`geocmid.runs` and
 :mod:`geocmid.training` (``model.ckpt``, ``model_card.json``, ``config.yaml`` and CSV
 ``logs/``); this module supplies the settings, the data module of labelled pairs
-(:class:`~geocmid.data.change_datamodule.ChangeDataModule`), the siamese task (:class:`~geocmid.tasks.change.Change`) and the card of a change model.
+(:class:`~geocmid.data.change_datamodule.ChangeDataModule`), the siamese task
+(:class:`~geocmid.tasks.change.Change`) and the card of a change model.
 """
 
 from __future__ import annotations
