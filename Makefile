@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.geocmid-installed
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench lint clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" sh scripts/demo.sh $(DEMO_DIR)
 
+# The three benchmarks print our figure beside its anchor (see BENCHMARKS.md); about 10 min on 2 cores.
 bench: $(STAMP)
-	$(PY) bench/loader.py
+	OMP_NUM_THREADS=1 $(PY) bench/loader.py
+	OMP_NUM_THREADS=2 $(PY) bench/pretrain.py
+	OMP_NUM_THREADS=1 $(PY) -u bench/segment.py --repeats 3
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --select F,E9,B006,B008 geocmid cli bench tests
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

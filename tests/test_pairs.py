@@ -371,10 +371,10 @@ def test_georeferenced_label_and_nodata_are_ignored(make_geotiff) -> None:
     image = np.full((1, 8, 8), 10, np.uint8)
     image[0, 2, 2] = 0
     before = make_geotiff('a.tif', image, transform=at(0, 0), nodata=0)
-    after = make_geotiff('b.tif', np.full((1, 8, 8), 20, np.uint8), transform=at(0, 0), nodata=0)
+    make_geotiff('b.tif', np.full((1, 8, 8), 20, np.uint8), transform=at(0, 0), nodata=0)
     label = np.zeros((1, 4, 4), np.uint8)
     label[0, 0, 0] = 1  # a 4 m label pixel: 2 x 2 pixels of the pair
-    gt = make_geotiff('gt.tif', label, transform=at(0, 0, res=4.0))
+    make_geotiff('gt.tif', label, transform=at(0, 0, res=4.0))
     csv = before.parent / 'pairs.csv'
     csv.write_text('before,after,label\na.tif,b.tif,gt.tif\n')
     regions = label_regions(read_pairs(csv, labels=True))

@@ -29,7 +29,7 @@ from geocmid.inference.outputs import (
     unique_names,
 )
 from geocmid.inference.bands import model_bands
-from geocmid.inference.segment import SegmentationModel, find_scenes, segment_scenes
+from geocmid.inference.segment import find_scenes, segment_scenes
 from geocmid.inference.tiling import TileGrid
 from geocmid.io.cards import ModelCard
 from geocmid.io.cog import validate_cog, write_cog

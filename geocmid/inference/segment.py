@@ -31,7 +31,7 @@ from pyproj import CRS
 from rasterio.io import DatasetReader
 from torch import nn
 
-from ..data.rasters import BandSelection, check_bands, find_rasters
+from ..data.rasters import BandSelection, find_rasters
 from ..errors import InputError
 from ..io.cards import ClassInfo, ModelCard
 from ..io.cog import PredictionWriter
