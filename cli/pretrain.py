@@ -35,6 +35,7 @@ from .options import parse_bands, run_folder_options
 )
 @click.option('--workers', type=int, help='Data-loading processes per device (default 4).')
 @click.option('--seed', type=int, help='Random seed (default 322).')
+@click.option('--nodata', type=float, help="Nodata value overriding (or supplying) the rasters'.")
 @click.option(
     '--config',
     'config_file',

@@ -25,6 +25,7 @@ API = (
     'ChangeModel',
     'ChangeResult',
     'EvaluationResult',
+    'RunResult',
     'SegmentResult',
     'SegmentationModel',
     'align_pair',
@@ -35,6 +36,7 @@ API = (
     'evaluate_knn',
     'evaluate_linear',
     'load_encoder',
+    'pretrain',
     'segment',
     'segment_scenes',
 )

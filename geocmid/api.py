@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from .data.pairs import AlignedPair, align_pair
 from .embeddings import embed
 from .evaluation import EvaluationResult, evaluate_knn, evaluate_linear
@@ -9,12 +12,14 @@ from .inference.change import ChangeModel, ChangeResult, change_model, detect_ch
 from .inference.segment import SegmentationModel, SegmentResult, segment_scenes
 from .inference.segment import segment_scene as segment
 from .models.weights import load_encoder
+from .pretraining import RunResult, load_pretrain_config, run_pretraining
 
 __all__ = (
     'AlignedPair',
     'ChangeModel',
     'ChangeResult',
     'EvaluationResult',
+    'RunResult',
     'SegmentResult',
     'SegmentationModel',
     'align_pair',
@@ -25,6 +30,41 @@ __all__ = (
     'evaluate_knn',
     'evaluate_linear',
     'load_encoder',
+    'pretrain',
     'segment',
     'segment_scenes',
 )
+
+
+def pretrain(
+    output: str | os.PathLike[str],
+    *,
+    config: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> RunResult:
+    """Pretrain an encoder, as ``geocmid pretrain`` does, and write the run folder ``output``.
+
+    Example::
+
+        run = geocmid.pretrain('runs/cmid', rasters='scenes/', backbone='resnet18',
+                               patch_size=64, max_steps=100)
+        encoder, card = geocmid.load_encoder(run.run_dir)
+
+    Args:
+        output: The run folder.
+        config: A YAML file of settings; ``settings`` win over it.
+        resume: Continue from ``output/checkpoints/last.ckpt``.
+        overwrite: Replace the outputs of an existing run folder.
+        progress: Show a progress bar.
+        **settings: Any field of :class:`~geocmid.pretraining.PretrainConfig` (``rasters``,
+            ``images``, ``method``, ``backbone``, ``bands``, ``patch_size``, ``max_steps``,
+            ``task={...}``, ...).
+
+    Raises:
+        InputError: Bad data, settings or run folder.
+    """
+    resolved = load_pretrain_config(config, output=output, **settings)
+    return run_pretraining(resolved, resume=resume, overwrite=overwrite, progress=progress)

@@ -61,6 +61,7 @@ class PretrainConfig:
         max_steps: Optimiser steps; training stops at whichever limit comes first.
         samples_per_epoch: Patches per epoch over all devices; the data layer's default when unset.
         max_nodata_fraction: Largest share of nodata pixels a raster patch may have.
+        nodata: Nodata value overriding (or supplying) the rasters' own.
         devices: Number of devices; more than one trains with DDP.
         accelerator: Lightning accelerator ('auto', 'cpu', 'gpu', ...).
         precision: Numeric precision passed to Lightning.
@@ -84,6 +85,7 @@ class PretrainConfig:
     max_steps: int | None = None
     samples_per_epoch: int | None = None
     max_nodata_fraction: float = 0.5
+    nodata: float | None = None
     devices: int = 1
     accelerator: str = 'auto'
     precision: Precision = '32'
@@ -243,6 +245,7 @@ def run_pretraining(
         num_workers=config.workers,
         samples_per_epoch=config.samples_per_epoch,
         max_nodata_fraction=config.max_nodata_fraction,
+        nodata=config.nodata,
         seed=config.seed,
         **data_arguments,
     )

@@ -164,3 +164,24 @@ def test_exit_codes_through_main(rasters: Path, tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path / "missing"}')
+
+
+def test_python_api_runs_with_a_nodata_override(tmp_path: Path, make_geotiff) -> None:
+    """`geocmid.pretrain` is the CLI's run from Python; `nodata` reaches the data layer."""
+    import geocmid
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 255, (3, 96, 96), dtype=np.uint8)
+    image[:, :, :40] = 7  # a stripe of the overriding nodata value: excluded from statistics
+    make_geotiff('data/a.tif', image)
+    run = geocmid.pretrain(
+        tmp_path / 'run', config=TINY_CONFIG, rasters=tmp_path / 'data', backbone='resnet18',
+        max_steps=1, nodata=7, progress=False,
+    )  # fmt: skip
+    assert run.global_step == 1
+    encoder, card = geocmid.load_encoder(run.run_dir)
+    assert card.in_chans == 3 and card.config['nodata'] == 7
+    # Sampled statistics: close to the valid pixels' mean, far from the mean with the stripe.
+    valid = image[:, :, 40:].reshape(3, -1).astype(np.float64)
+    np.testing.assert_allclose(card.mean, valid.mean(axis=1), rtol=0.02)
+    assert (np.asarray(card.mean) - image.reshape(3, -1).mean(axis=1) > 30).all()
