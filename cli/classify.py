@@ -60,7 +60,12 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
 @click.option('--lr', type=float, help='Learning rate (default 0.001).')
 @click.option('--workers', type=int, help='Data-loading processes (default 0).')
 @click.option('--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'.")
-@click.option('--precision', help="'32' (default), 'bf16-mixed' or '16-mixed'.")
+@click.option(
+    '--precision',
+    type=click.Choice(['auto', '32', 'bf16-mixed', '16-mixed']),
+    help="'auto' (default: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32 on "
+    'CPU), 32, bf16-mixed or 16-mixed.',
+)
 @click.option('--seed', type=int, help='Random seed (default 0).')
 @click.option(
     '--config', 'config_file', type=click.Path(path_type=Path),

@@ -50,7 +50,12 @@ def train() -> None:
 @click.option('--workers', type=int, help='Data-loading processes per device (default 0).')
 @click.option('--devices', type=int, help='Number of devices; more than one trains with DDP.')
 @click.option('--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'.")
-@click.option('--precision', help="'32' (default), 'bf16-mixed' or '16-mixed'.")
+@click.option(
+    '--precision',
+    type=click.Choice(['auto', '32', 'bf16-mixed', '16-mixed']),
+    help="'auto' (default: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32 on "
+    'CPU), 32, bf16-mixed or 16-mixed.',
+)
 @click.option('--seed', type=int, help='Random seed (default 0).')
 @click.option(
     '--config',

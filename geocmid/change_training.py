@@ -86,7 +86,7 @@ class ChangeConfig:
     pos_weight: float | None = None
     devices: int = 1
     accelerator: str = 'auto'
-    precision: Precision = '32'
+    precision: Precision = 'auto'
     workers: int = 0
     seed: int = 0
     log_every_n_steps: int = 10

@@ -81,7 +81,7 @@ class ClassifyConfig:
     lr: float = 1e-3
     loss: Literal['ce', 'focal'] = 'ce'
     accelerator: str = 'auto'
-    precision: Precision = '32'
+    precision: Precision = 'auto'
     workers: int = 0
     seed: int = 0
     log_every_n_steps: int = 10

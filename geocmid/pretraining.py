@@ -88,7 +88,7 @@ class PretrainConfig:
     nodata: float | None = None
     devices: int = 1
     accelerator: str = 'auto'
-    precision: Precision = '32'
+    precision: Precision = 'auto'
     sync_batchnorm: bool = False
     workers: int = 4
     seed: int = 322

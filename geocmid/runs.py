@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning
+import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
@@ -23,7 +24,20 @@ from .config import to_plain
 from .errors import InputError
 from .io.atomic import atomic_output
 
-Precision = Literal['32', 'bf16-mixed', '16-mixed']
+Precision = Literal['auto', '32', 'bf16-mixed', '16-mixed']
+
+
+def resolve_precision(precision: Precision, accelerator: str = 'auto') -> str:
+    """Lightning's precision for ``precision``: 'auto' is mixed precision where a GPU runs.
+
+    'auto' gives 'bf16-mixed' on GPUs that support bfloat16 (no loss scaling needed),
+    '16-mixed' (dynamic loss scaling) on older GPUs, and '32' on the CPU.
+    """
+    if precision != 'auto':
+        return precision
+    if accelerator in ('auto', 'gpu', 'cuda') and torch.cuda.is_available():
+        return 'bf16-mixed' if torch.cuda.is_bf16_supported() else '16-mixed'
+    return '32'
 
 
 def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool | None = None) -> None:
@@ -84,7 +98,7 @@ def build_trainer(
     default_epochs: int = 20,
     devices: int = 1,
     accelerator: str = 'auto',
-    precision: Precision = '32',
+    precision: Precision = 'auto',
     sync_batchnorm: bool = False,
     log_every_n_steps: int = 10,
     validate: bool = True,
@@ -100,7 +114,7 @@ def build_trainer(
         default_epochs: Epochs trained when neither limit is set.
         devices: Number of devices; more than one trains with DDP.
         accelerator: Lightning accelerator.
-        precision: Lightning precision.
+        precision: Lightning precision, or 'auto' (see :func:`resolve_precision`).
         sync_batchnorm: Synchronise BatchNorm statistics across devices.
         log_every_n_steps: Training-loss logging interval.
         validate: Run validation each epoch (False when nothing is held out).
@@ -121,7 +135,7 @@ def build_trainer(
         # The training samplers shard patches by rank themselves (TorchGeo #305).
         use_distributed_sampler=False,
         sync_batchnorm=sync_batchnorm,
-        precision=precision,
+        precision=resolve_precision(precision, accelerator),
         max_epochs=epochs,
         max_steps=max_steps if max_steps is not None else -1,
         logger=CSVLogger(run_dir, name='logs'),

@@ -102,7 +102,7 @@ class SegmentConfig:
     loss: Literal['ce', 'focal', 'dice', 'jaccard'] = 'ce'
     devices: int = 1
     accelerator: str = 'auto'
-    precision: Precision = '32'
+    precision: Precision = 'auto'
     workers: int = 0
     seed: int = 0
     log_every_n_steps: int = 10
