@@ -144,8 +144,6 @@ def test_pair_source_stacks_normalised_dates_with_union_validity(scene_pair) -> 
 
 
 def test_label_free_change_on_a_real_naip_pair(tmp_path: Path, encoder4: Path) -> None:
-    if not (NAIP / 'naip_2016.tif').exists():
-        pytest.skip('sample_data/naip is missing')
     model = ChangeModel.from_encoder(encoder4)
     result = detect_change(
         NAIP / 'naip_2012.tif', NAIP / 'naip_2016.tif', model, vector=tmp_path / 'change.gpkg',
@@ -173,8 +171,6 @@ def test_label_free_change_on_a_real_naip_pair(tmp_path: Path, encoder4: Path) -
 
 def test_band_rule_is_the_one_segment_follows(tmp_path: Path, encoder3: Path) -> None:
     """An RGB encoder on RGBN images: refused unless --bands picks three bands."""
-    if not (NAIP / 'naip_2016.tif').exists():
-        pytest.skip('sample_data/naip is missing')
     model = ChangeModel.from_encoder(encoder3)
     before, after = NAIP / 'naip_2012.tif', NAIP / 'naip_2016.tif'
     with pytest.raises(InputError, match='has 4 band.*pick them with --bands'):

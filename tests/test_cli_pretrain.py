@@ -47,8 +47,6 @@ def tiny_run(rasters: Path, run_dir: Path, *extra: str | Path) -> Result:
 
 
 def test_run_writes_checkpoint_encoder_and_card(rasters: Path, tmp_path: Path) -> None:
-    if not NAIP.is_dir():
-        pytest.skip(f'{NAIP} absent: the sample data are not there yet')
     run_dir = tmp_path / 'run'
     result = tiny_run(rasters, run_dir, '--max-steps', '2', '--backbone', 'resnet18')
     assert result.exit_code == 0, result.output + repr(result.exception)
