@@ -8,7 +8,6 @@ vector. Windows without any valid pixel are skipped.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -97,7 +96,6 @@ def embed(
         InputError: A missing encoder or card, a random encoder without ``bands``, no tile
             size, a bad tile or stride, rasters without CRS or with different CRSs, bands the
             rasters lack, or an existing ``output`` without ``overwrite``.
-        ModuleNotFoundError: ``output`` is given but pyarrow, which writes Parquet, is missing.
     """
     if output is not None:
         check_writable(output, overwrite)
@@ -116,9 +114,6 @@ def embed(
         mean, std = list(card.mean), list(card.std)
     else:  # a random encoder's card fixes no normalisation: standardise with the rasters'
         mean, std = _band_statistics(files, indexes)
-    if output is not None and importlib.util.find_spec('pyarrow') is None:
-        # Checked once the inputs are known to be good, but before the slow part.
-        raise ModuleNotFoundError('writing GeoParquet needs pyarrow: pip install pyarrow')
 
     model = global_average_pooled(model).eval().to(resolve_device(device))
     rows: list[dict[str, object]] = []

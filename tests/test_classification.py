@@ -134,10 +134,8 @@ def test_bad_input(tmp_path: Path, encoder: Path) -> None:
 def test_cli_train_classify_and_classify(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from geocmid_cli.classify import classify
-    from geocmid_cli.main import cli, main
+    from geocmid_cli.main import main
 
-    cli.add_command(classify)  # `train classify` comes with the registered `train` group
     images = make_chips(tmp_path / 'chips', per_class=4)
 
     def run(*args: str) -> int:

@@ -176,27 +176,12 @@ def test_geoparquet_round_trip(
         embed(raster, encoder, out)
 
 
-def test_missing_pyarrow_fails_before_any_work(
-    make_geotiff: Callable[..., Path], encoder: Path, tmp_path: Path
-) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec('pyarrow') is not None:
-        pytest.skip('pyarrow is installed')
-    raster = make_geotiff('scene.tif', noisy(3, 32, 32))
-    with pytest.raises(ModuleNotFoundError, match='pip install pyarrow'):
-        embed(raster, encoder, tmp_path / 'e.parquet')
-    assert not list(tmp_path.glob('*.parquet'))
-
-
 def test_cli_bad_input_exits_2(
     make_geotiff: Callable[..., Path], encoder: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from geocmid_cli.embed import embed as embed_command
-    from geocmid_cli.main import cli, main
+    from geocmid_cli.main import main
 
-    cli.add_command(embed_command)
     raster = make_geotiff('nocrs.tif', noisy(3, 32, 32), crs=None)
     (tmp_path / 'e.parquet').write_bytes(b'')  # an existing output: refused before any work
     for args in (

@@ -287,11 +287,9 @@ def test_encoder_without_card_or_bands_is_an_input_error(tmp_path: Path) -> None
 
 
 def run_cli(args: list[str]) -> int:
-    """Run `geocmid` with the evaluate group registered; return the exit code."""
-    from geocmid_cli.evaluate import evaluate as evaluate_group
-    from geocmid_cli.main import cli, main
+    """Run `geocmid` through its entry point; return the exit code."""
+    from geocmid_cli.main import main
 
-    cli.add_command(evaluate_group)
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     return int(exit_info.value.code)
