@@ -9,7 +9,7 @@ import click
 
 from geocmid.errors import InputError
 
-from .options import BANDS, ItemReport, echo_fine_tuning, run_folder_options
+from .options import BANDS, ItemReport, echo_fine_tuning, hardware_options, run_folder_options
 
 if TYPE_CHECKING:
     from geocmid.inference.change import ChangeResult
@@ -33,7 +33,7 @@ def _threshold(value: str | None) -> float | str | None:
 
 def _summary(name: str, result: ChangeResult) -> str:
     """One line per pair: polygons, changed area, threshold and the files written."""
-    paths = [str(p) for p in (result.vector, result.raster, result.probabilities) if p is not None]
+    paths = [str(p) for p in result.paths]
     return (
         f'{name}: {len(result.polygons)} change polygon(s), {result.changed_area_m2 / 1e4:.2f} ha, '
         f'threshold {result.threshold:.3f}' + (f' -> {", ".join(paths)}' if paths else '')
@@ -197,14 +197,7 @@ def change(
     '--val-fraction', type=float, help='Share of the pairs held out for validation (0.2).'
 )
 @click.option('--workers', type=int, help='Data-loading processes per device (default 0).')
-@click.option('--devices', type=int, help='Number of devices; more than one trains with DDP.')
-@click.option('--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'.")
-@click.option(
-    '--precision',
-    type=click.Choice(['auto', '32', 'bf16-mixed', '16-mixed']),
-    help="'auto' (default: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32 on "
-    'CPU), 32, bf16-mixed or 16-mixed.',
-)
+@hardware_options
 @click.option('--seed', type=int, help='Random seed (default 0).')
 @click.option(
     '--config',

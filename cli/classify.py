@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .options import BANDS, echo_fine_tuning, run_folder_options
+from .options import BANDS, echo_fine_tuning, hardware_options, run_folder_options
 
 
 @click.command()
@@ -59,13 +60,7 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
 @click.option('--batch-size', type=int, help='Chips per step (default 32).')
 @click.option('--lr', type=float, help='Learning rate (default 0.001).')
 @click.option('--workers', type=int, help='Data-loading processes (default 0).')
-@click.option('--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'.")
-@click.option(
-    '--precision',
-    type=click.Choice(['auto', '32', 'bf16-mixed', '16-mixed']),
-    help="'auto' (default: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32 on "
-    'CPU), 32, bf16-mixed or 16-mixed.',
-)
+@partial(hardware_options, devices=False)
 @click.option('--seed', type=int, help='Random seed (default 0).')
 @click.option(
     '--config', 'config_file', type=click.Path(path_type=Path),

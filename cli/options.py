@@ -46,6 +46,28 @@ def parse_bands(value: str | None) -> list[int | str] | None:
     return None if items is None else [int(item) if item.isdigit() else item for item in items]
 
 
+def hardware_options[F: Callable[..., Any]](command: F, *, devices: bool = True) -> F:
+    """``--devices`` (unless ``devices`` is False), ``--accelerator`` and ``--precision``."""
+    options = [
+        click.option(
+            '--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'."
+        ),
+        click.option(
+            '--precision',
+            type=click.Choice(['auto', '32', 'bf16-mixed', '16-mixed']),
+            help="'auto' (default: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, "
+            '32 on CPU), 32, bf16-mixed or 16-mixed.',
+        ),
+    ]
+    if devices:
+        options.insert(0, click.option(
+            '--devices', type=int, help='Number of devices; more than one trains with DDP.'
+        ))  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def run_folder_options[F: Callable[..., Any]](command: F) -> F:
     """``--overwrite`` and ``--quiet``, which every command writing a run folder takes."""
     command = click.option('--quiet', is_flag=True, help='No progress bar.')(command)

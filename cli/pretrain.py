@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import parse_bands, run_folder_options
+from .options import hardware_options, parse_bands, run_folder_options
 
 
 @click.command()
@@ -28,14 +28,7 @@ from .options import parse_bands, run_folder_options
 @click.option('--epochs', type=int, help='Training epochs (default 200 unless --max-steps).')
 @click.option('--max-steps', type=int, help='Optimiser steps; stops at the first limit reached.')
 @click.option('--samples-per-epoch', type=int, help='Patches per epoch over all devices.')
-@click.option('--devices', type=int, help='Number of devices; more than one trains with DDP.')
-@click.option('--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'.")
-@click.option(
-    '--precision',
-    type=click.Choice(['auto', '32', 'bf16-mixed', '16-mixed']),
-    help="'auto' (default: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32 on "
-    'CPU), 32, bf16-mixed or 16-mixed.',
-)
+@hardware_options
 @click.option('--workers', type=int, help='Data-loading processes per device (default 4).')
 @click.option('--seed', type=int, help='Random seed (default 322).')
 @click.option('--nodata', type=float, help="Nodata value overriding (or supplying) the rasters'.")

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from .options import echo_fine_tuning, parse_bands, run_folder_options, split_list
+from .options import (
+    echo_fine_tuning,
+    hardware_options,
+    parse_bands,
+    run_folder_options,
+    split_list,
+)
 
 
 @click.group()
@@ -48,14 +54,7 @@ def train() -> None:
 @click.option('--batch-size', type=int, help='Patches per device per step (default 8).')
 @click.option('--patch-size', type=int, help='Training patch side in pixels (default 256).')
 @click.option('--workers', type=int, help='Data-loading processes per device (default 0).')
-@click.option('--devices', type=int, help='Number of devices; more than one trains with DDP.')
-@click.option('--accelerator', help="Lightning accelerator: 'auto' (default), 'cpu', 'gpu'.")
-@click.option(
-    '--precision',
-    type=click.Choice(['auto', '32', 'bf16-mixed', '16-mixed']),
-    help="'auto' (default: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32 on "
-    'CPU), 32, bf16-mixed or 16-mixed.',
-)
+@hardware_options
 @click.option('--seed', type=int, help='Random seed (default 0).')
 @click.option(
     '--config',
