@@ -41,9 +41,9 @@ from rasterio.windows import Window
 from torchgeo.datasets import RasterDataset
 from torchgeo.samplers import RandomPatchSampler
 
-from geocmid.data.dataset import GeoRasterDataset
-from geocmid.data.pretrain_datamodule import RASTER_OPTIONS
-from geocmid.data.sampling import ValidPatchSampler
+from geocmid.datamodules.pretrain import RASTER_OPTIONS
+from geocmid.datasets.geo_raster import GeoRasterDataset
+from geocmid.samplers.valid_patch import ValidPatchSampler
 
 
 def write_rasters(folder: Path, files: int, size: int, compress: str, seed: int) -> list[Path]:
@@ -57,9 +57,17 @@ def write_rasters(folder: Path, files: int, size: int, compress: str, seed: int)
         data = np.clip(smooth + rng.normal(0, 8, smooth.shape), 1, 255).astype(np.uint8)
         path = folder / f'scene_{k}.tif'
         profile = {
-            'driver': 'GTiff', 'width': size, 'height': size, 'count': 4, 'dtype': 'uint8',
-            'crs': 'EPSG:32631', 'transform': from_origin(500000.0 + 2 * k * size, 4e6, 1.0, 1.0),
-            'nodata': 0, 'tiled': True, 'blockxsize': 256, 'blockysize': 256,
+            'driver': 'GTiff',
+            'width': size,
+            'height': size,
+            'count': 4,
+            'dtype': 'uint8',
+            'crs': 'EPSG:32631',
+            'transform': from_origin(500000.0 + 2 * k * size, 4e6, 1.0, 1.0),
+            'nodata': 0,
+            'tiled': True,
+            'blockxsize': 256,
+            'blockysize': 256,
             # MINISBLACK: otherwise GDAL declares the 4th band of a 4-band uint8 file alpha.
             'photometric': 'MINISBLACK',
         }
@@ -125,18 +133,24 @@ def main() -> None:
     parser.add_argument('--patches', type=int, default=400, help='timed patches per loader')
     parser.add_argument('--warmup', type=int, default=40, help='untimed patches per loader')
     parser.add_argument(
-        '--rounds', type=int, default=40,
+        '--rounds',
+        type=int,
+        default=40,
         help='interleaved rounds; short ones make the fastest round one that no other job '
         'interrupted',
     )
     parser.add_argument('--compress', default='deflate', choices=['none', 'deflate', 'lzw', 'zstd'])
     parser.add_argument(
-        '--cache-mb', type=int, default=None,
+        '--cache-mb',
+        type=int,
+        default=None,
         help="GDAL block cache in MB (default GDAL's, 5%% of RAM, which holds all the decoded "
         'data after warm-up); below the decoded size it emulates datasets larger than the cache',
     )
     parser.add_argument(
-        '--mode', default='pretraining', choices=['pretraining', 'float32'],
+        '--mode',
+        default='pretraining',
+        choices=['pretraining', 'float32'],
         help="geocmid's samples: as pretraining reads them, or float32 images with a mask",
     )
     parser.add_argument('--seed', type=int, default=0)
@@ -192,15 +206,19 @@ def main() -> None:
         f'{args.patch} px patches, geocmid mode {args.mode}; {args.patches} timed per loader '
         f'after {args.warmup} warm-up, {args.rounds} interleaved rounds, 1 process, 1 thread'
     )
-    print(f'construction: torchgeo dataset {tg_init:.3f} s; geocmid dataset {our_init:.3f} s '
-          f'+ sampler (validity grids) {sampler_init:.3f} s')
+    print(
+        f'construction: torchgeo dataset {tg_init:.3f} s; geocmid dataset {our_init:.3f} s '
+        f'+ sampler (validity grids) {sampler_init:.3f} s'
+    )
     rates = {name: args.patches / s for name, s in seconds.items()}
     for name, rate in rates.items():
         print(f'{name:26s} {rate:8.1f} patches/s')
     # Each loader's least disturbed round: steadier than the totals on a loaded machine.
     raw, torchgeo, geocmid = fastest.values()
-    print(f'fastest rounds: ratio_vs_raw={raw / geocmid:.2f} '
-          f'ratio_vs_torchgeo={torchgeo / geocmid:.2f}')
+    print(
+        f'fastest rounds: ratio_vs_raw={raw / geocmid:.2f} '
+        f'ratio_vs_torchgeo={torchgeo / geocmid:.2f}'
+    )
     raw, torchgeo, geocmid = rates.values()
     print(f'ratio_vs_raw={geocmid / raw:.2f} ratio_vs_torchgeo={geocmid / torchgeo:.2f}')
 

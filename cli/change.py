@@ -12,7 +12,7 @@ from geocmid.errors import InputError
 from .options import BANDS, ItemReport, echo_fine_tuning, hardware_options, run_folder_options
 
 if TYPE_CHECKING:
-    from geocmid.inference.change import ChangeResult
+    from geocmid.inference.products.change import ChangeResult
 
 #: What click gives ``--raster`` / ``--probabilities`` when they come without a path.
 _BESIDE = '<beside the output>'
@@ -90,7 +90,8 @@ def _summary(name: str, result: ChangeResult) -> str:
 )  # fmt: skip
 @click.option('--nodata', type=float, help="Override or supply both images' nodata value.")
 @click.option(
-    '--bands', type=BANDS,
+    '--bands',
+    type=BANDS,
     help="Image bands to feed the model, 1-based ('1,2,3'); default the model card's.",
 )
 @click.option(
@@ -216,8 +217,8 @@ def train_change(
     score and IoU of the change class are logged per epoch. RUN_DIR receives model.ckpt,
     model_card.json, config.yaml and logs/.
     """
-    from geocmid import change_training
-    from geocmid.config import resolve
+    from geocmid.runs import change as change_training
+    from geocmid.runs.config import resolve
 
     indexes = None
     if bands is not None:

@@ -14,7 +14,9 @@ from .options import BANDS, echo_fine_tuning, hardware_options, run_folder_optio
 @click.command()
 @click.argument('images', type=click.Path(path_type=Path))
 @click.option(
-    '--model', required=True, type=click.Path(path_type=Path),
+    '--model',
+    required=True,
+    type=click.Path(path_type=Path),
     help='A run folder written by `geocmid train classify`.',
 )
 @click.option('-o', '--output', required=True, type=click.Path(path_type=Path), help='CSV file.')
@@ -27,7 +29,7 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
 
     Columns: path (relative to IMAGES), class, probability, then p_<class> for every class.
     """
-    from geocmid.classification import classify_folder
+    from geocmid.runs.classification import classify_folder
 
     given = {key: value for key, value in options.items() if value is not None}
     table = classify_folder(model, images, output, **given)
@@ -37,14 +39,16 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
 
 @click.command('classify')
 @click.option(
-    '--images', type=click.Path(path_type=Path),
+    '--images',
+    type=click.Path(path_type=Path),
     help='Labelled chip folder (one sub-folder per class), split with --split.',
 )
 @click.option('--train', type=click.Path(path_type=Path), help='Labelled training folder.')
 @click.option('--test', type=click.Path(path_type=Path), help='Labelled validation folder.')
 @click.option('-o', '--output', type=click.Path(path_type=Path), help='Run folder to write.')
 @click.option(
-    '--encoder', type=click.Path(path_type=Path),
+    '--encoder',
+    type=click.Path(path_type=Path),
     help='encoder.pt (with model_card.json beside it) or a pretraining run folder; '
     'default: random initialisation of --backbone.',
 )
@@ -52,9 +56,7 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
 @click.option('--bands', type=BANDS, help="Chip bands, 1-based, in the encoder's order.")
 @click.option('--split', type=float, help='Share of each class used for training (default 0.8).')
 @click.option('--patch-size', type=int, help="Chip side in pixels; default the card's (else 224).")
-@click.option(
-    '--freeze-encoder', is_flag=True, default=None, help='Train the classifier only.'
-)
+@click.option('--freeze-encoder', is_flag=True, default=None, help='Train the classifier only.')
 @click.option('--epochs', type=int, help='Training epochs (default 20 unless --max-steps).')
 @click.option('--max-steps', type=int, help='Optimiser steps; stops at the first limit reached.')
 @click.option('--batch-size', type=int, help='Chips per step (default 32).')
@@ -63,7 +65,9 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
 @partial(hardware_options, devices=False)
 @click.option('--seed', type=int, help='Random seed (default 0).')
 @click.option(
-    '--config', 'config_file', type=click.Path(path_type=Path),
+    '--config',
+    'config_file',
+    type=click.Path(path_type=Path),
     help='YAML file with any of these settings (and loss, log_every_n_steps); '
     'command-line options win.',
 )
@@ -74,8 +78,8 @@ def train_classify(config_file: Path | None, overwrite: bool, quiet: bool, **opt
     RUN_DIR receives model.ckpt, model_card.json (bands, normalisation, patch size, classes,
     encoder provenance), config.yaml and logs/ (loss and accuracy per epoch).
     """
-    from geocmid.classification import ClassifyConfig, train_classification
-    from geocmid.config import resolve
+    from geocmid.runs.classification import ClassifyConfig, train_classification
+    from geocmid.runs.config import resolve
 
     config = resolve(ClassifyConfig, config_file, options)
     result = train_classification(config, overwrite=overwrite, progress=not quiet)

@@ -12,21 +12,28 @@ from .options import BANDS
 
 @click.command()
 @click.option(
-    '--rasters', required=True, type=click.Path(path_type=Path),
+    '--rasters',
+    required=True,
+    type=click.Path(path_type=Path),
     help='A raster or a folder of rasters (one CRS).',
 )
 @click.option(
-    '--encoder', required=True,
+    '--encoder',
+    required=True,
     help='encoder.pt (with model_card.json beside it), a run folder, or random:<backbone>.',
 )
 @click.option(
-    '-o', '--output', required=True, type=click.Path(path_type=Path),
+    '-o',
+    '--output',
+    required=True,
+    type=click.Path(path_type=Path),
     help='GeoParquet file to write (e.g. embeddings.parquet).',
 )
 @click.option('--tile', type=int, help="Window side in pixels; default the card's patch size.")
 @click.option('--stride', type=int, help='Step between windows in pixels; default --tile.')
 @click.option(
-    '--bands', type=BANDS,
+    '--bands',
+    type=BANDS,
     help="Raster bands, 1-based, in the encoder's order; default the card's band_indices.",
 )
 @click.option('--batch-size', type=int, help='Windows per forward pass (default 32).')
@@ -40,7 +47,7 @@ def embed(rasters: Path, encoder: str, output: Path, quiet: bool, **options: Any
     window's pixel offsets, its share of valid pixels and the average-pooled feature vector
     (column 'embedding'). Windows holding only nodata are skipped.
     """
-    from geocmid.embeddings import embed as embed_rasters
+    from geocmid.inference.products.embed import embed as embed_rasters
 
     given = {key: value for key, value in options.items() if value is not None}
     table = embed_rasters(rasters, encoder, output, progress=not quiet, **given)

@@ -28,20 +28,24 @@ def _common_options(command: Callable[..., None]) -> Callable[..., None]:
         click.option('--train', type=click.Path(path_type=Path), help='Labelled training folder.'),
         click.option('--test', type=click.Path(path_type=Path), help='Labelled test folder.'),
         click.option(
-            '--split', type=float,
+            '--split',
+            type=float,
             help='Share of each class used for training when --images is split (default 0.8).',
         ),
         click.option(
-            '--seed', type=int,
+            '--seed',
+            type=int,
             help='Seed of the split and of a random initialisation (default 0).',
         ),
         click.option(
-            '--bands', type=BANDS,
-            help='Image bands to feed, 1-based, in the encoder\'s order (e.g. 1,2,3); '
+            '--bands',
+            type=BANDS,
+            help="Image bands to feed, 1-based, in the encoder's order (e.g. 1,2,3); "
             'default all. Required with random:<backbone>.',
         ),
         click.option(
-            '--size', type=int,
+            '--size',
+            type=int,
             help="Image side in pixels; default the card's patch size (else 224).",
         ),
         click.option('--batch-size', type=int, help='Images per forward pass (default 64).'),
@@ -62,7 +66,7 @@ def _run(
     protocol: str, json_path: Path | None, overwrite: bool, verbose: bool, **options: Any
 ) -> None:
     """Evaluate, print the top-1 accuracy (and per-class accuracy), write the JSON."""
-    from geocmid.evaluation import evaluate, write_result
+    from geocmid.evaluation.evaluate import evaluate, write_result
     from geocmid.io.atomic import check_writable
 
     if json_path is not None:
@@ -91,7 +95,8 @@ def evaluate() -> None:
 @_common_options
 @click.option('--k', type=int, help='Neighbours that vote (default 20).')
 @click.option(
-    '--temperature', type=float,
+    '--temperature',
+    type=float,
     help='Vote weight is exp(cosine similarity / temperature) (default 0.07).',
 )
 def knn(**options: Any) -> None:
@@ -106,7 +111,8 @@ def knn(**options: Any) -> None:
 @evaluate.command()
 @_common_options
 @click.option(
-    '--l2', type=float,
+    '--l2',
+    type=float,
     help='L2 penalty of the logistic regression on standardised features (default 0.001).',
 )
 def linear(**options: Any) -> None:

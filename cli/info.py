@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from geocmid.data.rasters import describe_rasters, format_info
+from geocmid.raster.files import describe_rasters, format_info
 
 
 @click.command()

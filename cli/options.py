@@ -10,7 +10,7 @@ import click
 from geocmid.errors import InputError
 
 if TYPE_CHECKING:  # geocmid is imported only when a command runs, to keep the CLI quick
-    from geocmid.training import RunResult
+    from geocmid.runs.segmentation import RunResult
 
 
 class BandIndices(click.ParamType):

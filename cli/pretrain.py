@@ -60,7 +60,7 @@ def pretrain(
     RUN_DIR receives checkpoints/last.ckpt, logs/, encoder.pt (a plain timm state dict of the
     student encoder) and model_card.json (bands, normalisation, patch size, data, settings).
     """
-    from geocmid.pretraining import load_pretrain_config, run_pretraining
+    from geocmid.runs.pretrain import load_pretrain_config, run_pretraining
 
     config = load_pretrain_config(config_file, bands=parse_bands(bands), **options)
     result = run_pretraining(config, resume=resume, overwrite=overwrite, progress=not quiet)

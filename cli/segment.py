@@ -12,7 +12,7 @@ from geocmid.errors import InputError
 from .options import ItemReport, parse_bands, split_list
 
 if TYPE_CHECKING:
-    from geocmid.inference.segment import SegmentResult
+    from geocmid.inference.products.segment import SegmentResult
 
 #: What click gives ``--raster`` / ``--probabilities`` when they come without a path.
 _BESIDE = '<beside the output>'
@@ -140,7 +140,7 @@ def segment(
     """
     from geocmid.api import segment as segment_scene
     from geocmid.api import segment_scenes
-    from geocmid.inference.segment import find_scenes
+    from geocmid.inference.products.segment import find_scenes
 
     settings = dict(resolution=_resolution(resolution), bands=parse_bands(bands), **options)
     workers = _devices(devices)

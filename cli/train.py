@@ -38,7 +38,7 @@ def train() -> None:
 @click.option('--decoder', help="Decoder: 'unet' (default), 'fpn' or 'upernet'.")
 @click.option(
     '--classes',
-    help="Class names in id order, comma-separated, each optionally with a colour: "
+    help='Class names in id order, comma-separated, each optionally with a colour: '
     "'background,building:#ff0000'. Default from the labels.",
 )
 @click.option('--label-field', help='Attribute holding the class of vector labels.')
@@ -79,8 +79,8 @@ def segment(
     colours, tile size, resolution, encoder provenance), config.yaml and logs/ (loss, mIoU and
     per-class IoU per epoch).
     """
-    from geocmid.config import resolve
-    from geocmid.training import SegmentConfig, train_segmentation
+    from geocmid.runs.config import resolve
+    from geocmid.runs.segmentation import SegmentConfig, train_segmentation
 
     config = resolve(
         SegmentConfig,

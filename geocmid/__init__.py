@@ -6,10 +6,10 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError
+from geocmid.errors import InputError
 
 if TYPE_CHECKING:
-    from .api import *  # noqa: F403
+    from geocmid.api import *  # noqa: F403
 
 try:
     __version__ = version('geocmid')

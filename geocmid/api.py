@@ -5,14 +5,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .data.pairs import AlignedPair, align_pair
-from .embeddings import embed
-from .evaluation import EvaluationResult, evaluate_knn, evaluate_linear
-from .inference.change import ChangeModel, ChangeResult, change_model, detect_change, detect_changes
-from .inference.segment import SegmentationModel, SegmentResult, segment_scenes
-from .inference.segment import segment_scene as segment
-from .models.weights import load_encoder
-from .pretraining import RunResult, load_pretrain_config, run_pretraining
+from geocmid.datasets.pairs import AlignedPair, align_pair
+from geocmid.evaluation.evaluate import EvaluationResult, evaluate_knn, evaluate_linear
+from geocmid.inference.products.change import (
+    ChangeModel,
+    ChangeResult,
+    change_model,
+    detect_change,
+    detect_changes,
+)
+from geocmid.inference.products.embed import embed
+from geocmid.inference.products.segment import SegmentationModel, SegmentResult, segment_scenes
+from geocmid.inference.products.segment import segment_scene as segment
+from geocmid.models.weights import load_encoder
+from geocmid.runs.pretrain import RunResult, load_pretrain_config, run_pretraining
 
 __all__ = (
     'AlignedPair',
@@ -59,7 +65,7 @@ def pretrain(
         resume: Continue from ``output/checkpoints/last.ckpt``.
         overwrite: Replace the outputs of an existing run folder.
         progress: Show a progress bar.
-        **settings: Any field of :class:`~geocmid.pretraining.PretrainConfig` (``rasters``,
+        **settings: Any field of :class:`~geocmid.runs.pretrain.PretrainConfig` (``rasters``,
             ``images``, ``method``, ``backbone``, ``bands``, ``patch_size``, ``max_steps``,
             ``task={...}``, ...).
 

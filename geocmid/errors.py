@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .types import PathLike
+from geocmid.types import PathLike
 
 
 class InputError(ValueError):

@@ -146,9 +146,7 @@ def cut_raster(
     return Record(
         path=target.name,
         source=source.relative_to(source_root).as_posix(),
-        window=(
-            f'col {window.col_off}, row {window.row_off}, {window.width} x {window.height} px'
-        ),
+        window=(f'col {window.col_off}, row {window.row_off}, {window.width} x {window.height} px'),
         bounds=format_bounds(*bounds),
         crs=crs,
         licence=licence,
@@ -270,11 +268,11 @@ def render_sources(groups: dict[str, list[Record]]) -> str:
     lines = [
         '# Sources of sample_data/',
         '',
-        'Every file here is a crop (or an unchanged copy) of real imagery from the project\'s',
+        "Every file here is a crop (or an unchanged copy) of real imagery from the project's",
         'development data, re-created exactly by `python sample_data/make_samples.py --overwrite`.',
-        'Crops are cut on each file\'s native grid, never resampled, and rewritten as DEFLATE',
+        "Crops are cut on each file's native grid, never resampled, and rewritten as DEFLATE",
         'GeoTIFFs (predictor 2, tiled 256 where both sides are >= 256 px). Windows are in pixels',
-        'of the source file; bounds are left, bottom, right, top in the file\'s CRS (metres).',
+        "of the source file; bounds are left, bottom, right, top in the file's CRS (metres).",
         'A licence that asks for a notice beside the files gets one: `spacenet/LICENSE.md`.',
         '',
     ]

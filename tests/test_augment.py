@@ -1,17 +1,17 @@
-"""Tests for geocmid.data.augment: CMID's two views and the geometry they report."""
+"""Tests for geocmid.transforms.augment: CMID's two views and the geometry they report."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from geocmid.data.augment import (
+from geocmid.errors import InputError
+from geocmid.transforms.augment import (
     CropGeometry,
     RandomGaussNoise,
     TwoViewAugmentation,
     crop_to_geometry,
 )
-from geocmid.errors import InputError
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 

@@ -11,13 +11,14 @@ import rasterio
 import shapely
 import timm
 import torch
+from geocmid_cli.main import main
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 import geocmid.api
-from geocmid.data.pairs import align_pair
+from geocmid.datasets.pairs import align_pair
 from geocmid.errors import InputError
-from geocmid.inference.change import (
+from geocmid.inference.products.change import (
     ChangeModel,
     FeatureDistance,
     PairSource,
@@ -28,7 +29,6 @@ from geocmid.inference.change import (
 from geocmid.io.cards import ModelCard, write_card
 from geocmid.io.cog import validate_cog
 from geocmid.models.weights import save_encoder
-from geocmid_cli.main import main
 
 NAIP = Path(__file__).resolve().parents[1] / 'sample_data' / 'naip'
 
@@ -320,9 +320,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return int(exit_info.value.code), out, err
 
 
-def test_cli_single_pair(
-    scene_pair, encoder3: Path, tmp_path: Path, capsys
-) -> None:
+def test_cli_single_pair(scene_pair, encoder3: Path, tmp_path: Path, capsys) -> None:
     before, after = scene_pair
     out = tmp_path / 'out.gpkg'
     code, stdout, _ = run_cli(
@@ -366,9 +364,7 @@ def test_cli_pairs_report_bad_pairs_and_finish_the_others(
     assert list((tmp_path / 'out2').iterdir()) == []
 
 
-def test_cli_usage_errors(
-    scene_pair, encoder3: Path, tmp_path: Path, capsys
-) -> None:
+def test_cli_usage_errors(scene_pair, encoder3: Path, tmp_path: Path, capsys) -> None:
     before, after = scene_pair
     csv = tmp_path / 'pairs.csv'
     csv.write_text('first,second\na.tif,b.tif\n')
@@ -382,9 +378,7 @@ def test_cli_usage_errors(
     assert code == 2 and 'give exactly one of --model' in err
 
 
-def test_cli_train_then_detect_with_the_trained_model(
-    make_geotiff, tmp_path: Path, capsys
-) -> None:
+def test_cli_train_then_detect_with_the_trained_model(make_geotiff, tmp_path: Path, capsys) -> None:
     rng = np.random.default_rng(0)
     rows = ['before,after,label']
     for i in range(2):

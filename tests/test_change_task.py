@@ -14,12 +14,12 @@ import timm
 import torch
 from rasterio.errors import NotGeoreferencedWarning
 
-from geocmid.change_training import ChangeConfig, load_change_model, train_change
-from geocmid.data.change_datamodule import ChangeDataModule
+from geocmid.datamodules.change import ChangeDataModule
 from geocmid.errors import InputError
 from geocmid.io.cards import ModelCard, write_card
 from geocmid.models.weights import save_encoder
-from geocmid.tasks.change import IGNORE_INDEX, Change, MaskedBCEWithLogitsLoss
+from geocmid.runs.change import ChangeConfig, load_change_model, train_change
+from geocmid.tasks.finetune.change import IGNORE_INDEX, Change, MaskedBCEWithLogitsLoss
 
 
 def write_png(path: Path, data: np.ndarray) -> None:

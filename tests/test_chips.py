@@ -1,4 +1,4 @@
-"""Tests for geocmid.data.chips on tiny generated PNG, JPEG and TIFF folders."""
+"""Tests for geocmid.datasets.chips on tiny generated PNG, JPEG and TIFF folders."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from geocmid.data.chips import (
+from geocmid.datasets.chips import (
     ChipFolder,
     chip_statistics,
     read_chip,

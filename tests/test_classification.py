@@ -12,17 +12,17 @@ import torch
 import yaml
 from PIL import Image
 
-from geocmid.classification import (
+from geocmid.datamodules.classification import ChipClassificationDataModule, labelled_chips
+from geocmid.errors import InputError
+from geocmid.io.cards import ModelCard, read_card, write_card
+from geocmid.models.weights import save_encoder
+from geocmid.runs.classification import (
     ClassifyConfig,
     classify_folder,
     load_classifier,
     train_classification,
 )
-from geocmid.data.classification_datamodule import ChipClassificationDataModule, labelled_chips
-from geocmid.errors import InputError
-from geocmid.io.cards import ModelCard, read_card, write_card
-from geocmid.models.weights import save_encoder
-from geocmid.tasks.classification import SceneClassification, load_encoder_weights
+from geocmid.tasks.finetune.classification import SceneClassification, load_encoder_weights
 
 
 def make_chips(root: Path, per_class: int = 8, seed: int = 0) -> Path:
@@ -43,10 +43,18 @@ def encoder(tmp_path: Path) -> Path:
     model = timm.create_model('resnet18', in_chans=3, num_classes=0)
     (tmp_path / 'pretrained').mkdir()
     path = save_encoder(tmp_path / 'pretrained' / 'encoder.pt', model.state_dict())
-    write_card(path, ModelCard(
-        method='test', backbone='resnet18', bands=['red', 'green', 'blue'],
-        band_indices=[1, 2, 3], mean=[120.0] * 3, std=[60.0] * 3, patch_size=32,
-    ))
+    write_card(
+        path,
+        ModelCard(
+            method='test',
+            backbone='resnet18',
+            bands=['red', 'green', 'blue'],
+            band_indices=[1, 2, 3],
+            mean=[120.0] * 3,
+            std=[60.0] * 3,
+            patch_size=32,
+        ),
+    )
     return path
 
 
@@ -81,15 +89,23 @@ def test_data_module_normalises_and_keeps_labels(tmp_path: Path) -> None:
 def test_train_then_classify(tmp_path: Path, encoder: Path) -> None:
     images = make_chips(tmp_path / 'chips')
     config = ClassifyConfig(
-        images=images, output=tmp_path / 'run', encoder=encoder.parent, split=0.5,
-        epochs=1, batch_size=4, accelerator='cpu',
+        images=images,
+        output=tmp_path / 'run',
+        encoder=encoder.parent,
+        split=0.5,
+        epochs=1,
+        batch_size=4,
+        accelerator='cpu',
     )
     result = train_classification(config, progress=False)
     assert result.global_step == 2  # 8 training chips, batch 4, one epoch
     logged = set(result.metrics)
     assert {'train_loss', 'val_OverallAccuracy', 'val_ClasswiseAccuracy_dark'} <= logged
     assert {p.name for p in (tmp_path / 'run').iterdir()} == {
-        'config.yaml', 'logs', 'model.ckpt', 'model_card.json'
+        'config.yaml',
+        'logs',
+        'model.ckpt',
+        'model_card.json',
     }
     card = read_card(tmp_path / 'run')
     assert card.task == 'classification' and card.backbone == 'resnet18'
@@ -144,9 +160,28 @@ def test_cli_train_classify_and_classify(
         return int(exit_info.value.code)
 
     run_dir = tmp_path / 'run'
-    assert run('train', 'classify', '--images', str(images), '-o', str(run_dir), '--backbone',
-               'resnet18', '--patch-size', '32', '--max-steps', '1', '--batch-size', '4',
-               '--accelerator', 'cpu', '--quiet') == 0
+    assert (
+        run(
+            'train',
+            'classify',
+            '--images',
+            str(images),
+            '-o',
+            str(run_dir),
+            '--backbone',
+            'resnet18',
+            '--patch-size',
+            '32',
+            '--max-steps',
+            '1',
+            '--batch-size',
+            '4',
+            '--accelerator',
+            'cpu',
+            '--quiet',
+        )
+        == 0
+    )
     assert 'step 1: train_loss' in capsys.readouterr().out
     settings = yaml.safe_load((run_dir / 'config.yaml').read_text())
     assert settings['patch_size'] == 32 and settings['max_steps'] == 1
@@ -154,6 +189,15 @@ def test_cli_train_classify_and_classify(
     out = tmp_path / 'p.csv'
     assert run('classify', str(images), '--model', str(run_dir), '-o', str(out)) == 0
     assert '8 chips classified' in capsys.readouterr().out and out.is_file()
-    assert run('classify', str(tmp_path / 'missing'), '--model', str(run_dir), '-o',
-               str(tmp_path / 'q.csv')) == 2
+    assert (
+        run(
+            'classify',
+            str(tmp_path / 'missing'),
+            '--model',
+            str(run_dir),
+            '-o',
+            str(tmp_path / 'q.csv'),
+        )
+        == 2
+    )
     assert 'folder does not exist' in capsys.readouterr().err

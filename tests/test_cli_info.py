@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import write_geotiff
 from geocmid_cli.main import main
 

@@ -14,9 +14,9 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner, Result
+from geocmid_cli.pretrain import pretrain
 
 from geocmid.errors import InputError
-from geocmid_cli.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 NAIP = REPO / 'sample_data' / 'naip'
@@ -158,7 +158,9 @@ def test_exit_codes_through_main(rasters: Path, tmp_path: Path) -> None:
     command = [sys.executable, '-c', 'from geocmid_cli.main import main; main()', 'pretrain']
     bad = subprocess.run(
         [*command, '--rasters', tmp_path / 'missing', '-o', tmp_path / 'run'],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path / "missing"}')

@@ -10,11 +10,11 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+from conftest import REPO, SAMPLE_DATA, write_geotiff
+from geocmid_cli.main import main
 from rasterio.windows import Window
 
-from conftest import REPO, SAMPLE_DATA, write_geotiff
 from geocmid.io.cog import validate_cog
-from geocmid_cli.main import main
 
 SPACENET = SAMPLE_DATA / 'spacenet' / 'buildings.tif'
 

@@ -12,13 +12,18 @@ import shapely
 import timm
 import torch
 import yaml
+from geocmid_cli.main import main
 
 from geocmid.errors import InputError
 from geocmid.io.cards import ModelCard, read_card, write_card
 from geocmid.io.cog import default_classes
 from geocmid.models.weights import save_encoder
-from geocmid.training import RUN_OUTPUTS, load_segmentation_model, parse_classes, prepare_run_dir
-from geocmid_cli.main import main
+from geocmid.runs.segmentation import (
+    RUN_OUTPUTS,
+    load_segmentation_model,
+    parse_classes,
+    prepare_run_dir,
+)
 
 X0, Y0 = 500000.0, 4000000.0  # upper-left corner of conftest's rasters (1 m pixels)
 
@@ -53,8 +58,13 @@ def encoder(tmp_path: Path) -> Path:
     (tmp_path / 'encoder').mkdir()
     path = save_encoder(tmp_path / 'encoder' / 'encoder.pt', weights)
     card = ModelCard(
-        method='cmid', backbone='resnet18', bands=['b1', 'b2'], band_indices=[1, 2],
-        mean=[55.0, 56.0], std=[40.0, 41.0], patch_size=32,
+        method='cmid',
+        backbone='resnet18',
+        bands=['b1', 'b2'],
+        band_indices=[1, 2],
+        mean=[55.0, 56.0],
+        std=[40.0, 41.0],
+        patch_size=32,
     )
     write_card(path, card)
     return path
@@ -62,8 +72,21 @@ def encoder(tmp_path: Path) -> Path:
 
 def common(raster: Path, labels: Path, output: Path) -> list[str]:
     return [
-        'train', 'segment', '--rasters', raster, '--labels', labels, '-o', output,
-        '--label-field', 'kind', '--max-steps', '3', '--batch-size', '2', '--quiet',
+        'train',
+        'segment',
+        '--rasters',
+        raster,
+        '--labels',
+        labels,
+        '-o',
+        output,
+        '--label-field',
+        'kind',
+        '--max-steps',
+        '3',
+        '--batch-size',
+        '2',
+        '--quiet',
     ]
 
 
@@ -72,14 +95,29 @@ def test_writes_model_and_complete_card(scene: tuple[Path, Path], tmp_path: Path
     config = tmp_path / 'run.yaml'
     # From the YAML file: decoder, backbone, patch and block size; --max-steps 3 (CLI) wins
     # over the file's 50.
-    config.write_text(yaml.safe_dump(
-        {'decoder': 'fpn', 'backbone': 'resnet18', 'patch_size': 32, 'block_size': 64,
-         'max_steps': 50, 'lr': 0.01}
-    ))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                'decoder': 'fpn',
+                'backbone': 'resnet18',
+                'patch_size': 32,
+                'block_size': 64,
+                'max_steps': 50,
+                'lr': 0.01,
+            }
+        )
+    )
     output = tmp_path / 'run'
 
-    code = run([*common(raster, labels, output), '--classes', 'background,pool:#0000ff,roof',
-                '--config', config])
+    code = run(
+        [
+            *common(raster, labels, output),
+            '--classes',
+            'background,pool:#0000ff,roof',
+            '--config',
+            config,
+        ]
+    )
 
     assert code == 0
     assert {p.name for p in output.iterdir()} == set(RUN_OUTPUTS)
@@ -116,9 +154,11 @@ def test_no_validation_split_trains_past_one_epoch(
 ) -> None:
     raster, labels = scene
     config = tmp_path / 'run.yaml'
-    config.write_text(yaml.safe_dump(
-        {'backbone': 'resnet18', 'patch_size': 32, 'val_fraction': 0, 'samples_per_epoch': 4}
-    ))
+    config.write_text(
+        yaml.safe_dump(
+            {'backbone': 'resnet18', 'patch_size': 32, 'val_fraction': 0, 'samples_per_epoch': 4}
+        )
+    )
     output = tmp_path / 'run'
     argv = [*common(raster, labels, output), '--config', config]
     argv[argv.index('--max-steps') + 1] = '5'  # 2 patches a step, 4 an epoch: 3 epochs
@@ -130,8 +170,20 @@ def test_frozen_encoder_round_trip(scene: tuple[Path, Path], encoder: Path, tmp_
     raster, labels = scene
     output = tmp_path / 'run'
 
-    code = run([*common(raster, labels, output), '--encoder', encoder, '--freeze-encoder',
-                '--patch-size', '32', '--decoder', 'unet', '--seed', '5'])
+    code = run(
+        [
+            *common(raster, labels, output),
+            '--encoder',
+            encoder,
+            '--freeze-encoder',
+            '--patch-size',
+            '32',
+            '--decoder',
+            'unet',
+            '--seed',
+            '5',
+        ]
+    )
 
     assert code == 0
     card = read_card(output)
@@ -183,8 +235,22 @@ def test_bad_input_exits_2(
             (output / 'notes.txt').write_text('keep me')
             culprit, problem = output, 'use --overwrite'
 
-    code = run(['train', 'segment', '--rasters', raster, '--labels', labels, '-o', output,
-                '--patch-size', '32', '--quiet', *extra])
+    code = run(
+        [
+            'train',
+            'segment',
+            '--rasters',
+            raster,
+            '--labels',
+            labels,
+            '-o',
+            output,
+            '--patch-size',
+            '32',
+            '--quiet',
+            *extra,
+        ]
+    )
 
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()

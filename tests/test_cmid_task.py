@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from geocmid.data.pretrain_datamodule import PretrainDataModule
+from geocmid.datamodules.pretrain import PretrainDataModule
 from geocmid.errors import InputError
 from geocmid.tasks import CMID
 
@@ -156,7 +156,7 @@ def test_training_step_logs_finite_losses_and_ema_moves_teacher(rasters: Path) -
 def test_global_loss_uses_the_queue_before_the_step(
     rasters: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import geocmid.tasks.cmid as cmid_module
+    import geocmid.tasks.ssl.cmid as cmid_module
 
     lightning.seed_everything(0, verbose=False)
     data = data_module(rasters)
@@ -310,7 +310,7 @@ def test_data_module_needs_exactly_one_source(rasters: Path) -> None:
 
 DDP_SCRIPT = """
 import os, sys
-from geocmid.pretraining import load_pretrain_config, run_pretraining
+from geocmid.runs.pretrain import load_pretrain_config, run_pretraining
 
 config = load_pretrain_config(sys.argv[1], rasters=sys.argv[2], output=sys.argv[3], devices=2,
                               max_steps=2)
@@ -328,7 +328,11 @@ def test_two_process_ddp_run(rasters: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / 'run'
     done = subprocess.run(
         [sys.executable, script, config, rasters, run_dir],
-        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
         env=os.environ | {'OMP_NUM_THREADS': '1'},
     )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -39,7 +39,11 @@ def by_value(batch: Tensor) -> Tensor:
 def segment(scene: Path, labels: Path, probabilities: Path | None = None, **kwargs: object) -> None:
     with SceneReader(scene, mean=[100], std=[50], bands=[1]) as reader:
         with PredictionWriter(
-            reader, labels, classes=CLASSES, probabilities_path=probabilities, **kwargs  # type: ignore[arg-type]
+            reader,
+            labels,
+            classes=CLASSES,
+            probabilities_path=probabilities,
+            **kwargs,  # type: ignore[arg-type]
         ) as writer:
             predict_scene(
                 reader, by_value, writer, num_classes=3, tile=64, batch_size=8, progress=False
@@ -68,7 +72,10 @@ def test_labels_and_probabilities_are_valid_cogs(scene: Path, tmp_path: Path) ->
         assert out.tags(ns='IMAGE_STRUCTURE')['OVERVIEW_RESAMPLING'] == 'AVERAGE'
     # Nothing left behind but the outputs and the label sidecar.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        'labels.tif', 'labels.tif.aux.xml', 'probabilities.tif', 'scene.tif'
+        'labels.tif',
+        'labels.tif.aux.xml',
+        'probabilities.tif',
+        'scene.tif',
     ]
 
 

@@ -1,4 +1,4 @@
-"""Tests for geocmid.config: YAML loading, typed keys, and default < YAML < command line."""
+"""Tests for geocmid.runs.config: YAML loading, typed keys, and default < YAML < command line."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from geocmid.config import load_yaml, parse_values, resolve, signature_hints, to_plain
 from geocmid.errors import InputError
+from geocmid.runs.config import load_yaml, parse_values, resolve, signature_hints, to_plain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_to_plain_round_trips_through_resolve(tmp_path: Path) -> None:
     'name', ['cmid_resnet50.yaml', 'cmid_swin_base.yaml', 'cmid_tiny_test.yaml']
 )
 def test_shipped_configs_resolve(name: str) -> None:
-    from geocmid.pretraining import load_pretrain_config
+    from geocmid.runs.pretrain import load_pretrain_config
 
     config = load_pretrain_config(REPO / 'configs' / name, rasters='somewhere')
     assert config.method == 'cmid'
@@ -137,7 +137,7 @@ def test_shipped_configs_resolve(name: str) -> None:
 
 
 def test_task_section_rejects_run_level_keys(tmp_path: Path) -> None:
-    from geocmid.pretraining import load_pretrain_config
+    from geocmid.runs.pretrain import load_pretrain_config
 
     path = write(tmp_path, 'task:\n  backbone: resnet18\n')
     with pytest.raises(InputError, match=r"unknown config key 'task\.backbone'"):

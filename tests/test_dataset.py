@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import rasterio
 import torch
+from conftest import SAMPLE_DATA, write_geotiff
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from rasterio.warp import transform, transform_bounds
@@ -18,10 +19,9 @@ from torch.utils.data import DataLoader
 from torchgeo.datasets import stack_samples
 from torchgeo.samplers import GriddedPatchSampler, RandomPatchSampler
 
-from conftest import SAMPLE_DATA, write_geotiff
-from geocmid.data.dataset import GeoRasterDataset, valid_from_sentinel
-from geocmid.data.sampling import ValidPatchSampler
+from geocmid.datasets.geo_raster import GeoRasterDataset, valid_from_sentinel
 from geocmid.errors import InputError
+from geocmid.samplers.valid_patch import ValidPatchSampler
 
 
 def ramp(bands: int = 3, height: int = 40, width: int = 50, dtype: str = 'uint16') -> np.ndarray:
@@ -208,7 +208,10 @@ def test_band_selection_by_index_and_name(tmp_path: Path) -> None:
         assert dataset.band_names == ('nir', 'blue')
         np.testing.assert_array_equal(dataset[:, :]['image'].numpy(), data[[3, 0]])
     assert GeoRasterDataset(write_geotiff(tmp_path / 'n' / 'b.tif', data)).band_names == (
-        'band_1', 'band_2', 'band_3', 'band_4'
+        'band_1',
+        'band_2',
+        'band_3',
+        'band_4',
     )
     with pytest.raises(InputError, match=r'a\.tif: band 5 out of range'):
         GeoRasterDataset(path, bands=[1, 5])

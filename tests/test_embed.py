@@ -1,4 +1,4 @@
-"""Tests for geocmid.embeddings: window grid, exact footprints, nodata skipping, GeoParquet."""
+"""Tests for geocmid.inference.products.embed: window grid, exact footprints, nodata skipping, GeoParquet."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from rasterio.transform import Affine, from_origin
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
-from geocmid.embeddings import embed, grid_windows
 from geocmid.errors import InputError
+from geocmid.inference.products.embed import embed, grid_windows
 from geocmid.io.cards import ModelCard, write_card
 from geocmid.models.weights import save_encoder
 
@@ -34,10 +34,18 @@ def encoder(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = timm.create_model('resnet18', in_chans=3, num_classes=0)
     path = save_encoder(tmp_path / 'encoder.pt', model.state_dict())
-    write_card(path, ModelCard(
-        method='test', backbone='resnet18', bands=['red', 'green', 'blue'],
-        band_indices=[1, 2, 3], mean=MEAN, std=STD, patch_size=32,
-    ))
+    write_card(
+        path,
+        ModelCard(
+            method='test',
+            backbone='resnet18',
+            bands=['red', 'green', 'blue'],
+            band_indices=[1, 2, 3],
+            mean=MEAN,
+            std=STD,
+            patch_size=32,
+        ),
+    )
     return path
 
 
@@ -124,7 +132,8 @@ def test_folder_of_rasters_and_band_override(
     make_geotiff('tiles/b.tif', noisy(4, 32, 64, seed=2))
     table = embed(tmp_path / 'tiles', encoder)  # tile defaults to the card's patch size
     assert table.groupby('source').size().to_dict() == {
-        str(tmp_path / 'tiles' / 'a.tif'): 1, str(tmp_path / 'tiles' / 'b.tif'): 2,
+        str(tmp_path / 'tiles' / 'a.tif'): 1,
+        str(tmp_path / 'tiles' / 'b.tif'): 2,
     }
     reordered = embed(tmp_path / 'tiles' / 'a.tif', encoder, bands=[3, 2, 1])
     assert not np.allclose(reordered.embedding[0], table.embedding[0])
@@ -177,7 +186,9 @@ def test_geoparquet_round_trip(
 
 
 def test_cli_bad_input_exits_2(
-    make_geotiff: Callable[..., Path], encoder: Path, tmp_path: Path,
+    make_geotiff: Callable[..., Path],
+    encoder: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from geocmid_cli.main import main
@@ -195,10 +206,10 @@ def test_cli_bad_input_exits_2(
 
 
 def test_top_level_api_exposes_the_function() -> None:
-    # The module is geocmid.embeddings, not geocmid.embed: a submodule of that name would
+    # The module is geocmid.inference.products.embed, not geocmid.embed: a submodule of that name would
     # shadow the function in the package namespace once imported.
     import geocmid
-    import geocmid.embeddings
+    import geocmid.inference.products.embed
 
     assert geocmid.embed is embed and callable(geocmid.embed)
-    assert geocmid.evaluate_knn.__module__ == 'geocmid.evaluation'
+    assert geocmid.evaluate_knn.__module__ == 'geocmid.evaluation.evaluate'

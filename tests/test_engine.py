@@ -53,7 +53,12 @@ def run(
     with SceneReader(path, **reader_args) as reader:  # type: ignore[arg-type]
         sink = ArraySink(num_classes, reader.height, reader.width)
         stats = predict_scene(
-            reader, model, sink, num_classes=num_classes, progress=False, **kwargs  # type: ignore[arg-type]
+            reader,
+            model,
+            sink,
+            num_classes=num_classes,
+            progress=False,
+            **kwargs,  # type: ignore[arg-type]
         )
     assert (sink.written == 1).all(), 'every pixel must be handed over exactly once'
     return sink, stats
@@ -216,9 +221,12 @@ def test_outputs_keep_the_exact_float64_grid(
     data = np.random.default_rng(3).integers(1, 255, (3, 45, 67)).astype('uint8')
     path = make_geotiff('scene.tif', data, crs='EPSG:32633', transform=TRANSFORM)
     labels, probabilities = tmp_path / 'labels.tif', tmp_path / 'probabilities.tif'
-    with SceneReader(path) as reader, PredictionWriter(
-        reader, labels, classes=default_classes(3), probabilities_path=probabilities
-    ) as writer:
+    with (
+        SceneReader(path) as reader,
+        PredictionWriter(
+            reader, labels, classes=default_classes(3), probabilities_path=probabilities
+        ) as writer,
+    ):
         predict_scene(reader, pointwise_model, writer, num_classes=3, tile=32, progress=False)
     with rasterio.open(path) as src:
         for output in (labels, probabilities):

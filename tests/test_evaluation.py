@@ -1,4 +1,4 @@
-"""Tests for geocmid.evaluation (k-NN, linear probe) and `geocmid evaluate` on tiny chip folders."""
+"""Tests for geocmid.evaluation.evaluate (k-NN, linear probe) and `geocmid evaluate` on tiny chip folders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from geocmid.errors import InputError
-from geocmid.evaluation import (
+from geocmid.evaluation.evaluate import (
     evaluate,
     evaluate_knn,
     evaluate_linear,
@@ -174,7 +174,9 @@ def test_per_class_accuracy() -> None:
     predictions = torch.tensor([0, 0, 1, 1, 0])
     labels = torch.tensor([0, 1, 1, 1, 0])
     assert per_class_accuracy(predictions, labels, ['a', 'b', 'c']) == {
-        'a': 1.0, 'b': 2 / 3, 'c': None,
+        'a': 1.0,
+        'b': 2 / 3,
+        'c': None,
     }
 
 
@@ -298,8 +300,21 @@ def run_cli(args: list[str]) -> int:
 def test_cli_knn_prints_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     images = make_chips(tmp_path / 'chips', per_class=10)
     out = tmp_path / 'knn.json'
-    args = ['evaluate', 'knn', '--encoder', 'random:resnet18', '--images', str(images),
-            '--bands', '1,2,3', '--size', str(SIZE), '--json', str(out), '--verbose']
+    args = [
+        'evaluate',
+        'knn',
+        '--encoder',
+        'random:resnet18',
+        '--images',
+        str(images),
+        '--bands',
+        '1,2,3',
+        '--size',
+        str(SIZE),
+        '--json',
+        str(out),
+        '--verbose',
+    ]
     assert run_cli(args) == 0
     printed = capsys.readouterr().out
     body = json.loads(out.read_text())
@@ -317,5 +332,18 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
     args = ['evaluate', 'linear', '--encoder', 'random:resnet18', '--images', str(images)]
     assert run_cli(args) == 2
     assert '--bands' in capsys.readouterr().err
-    assert run_cli(['evaluate', 'knn', '--encoder', 'random:resnet18', '--images', str(images),
-                    '--bands', '1,x']) == 2
+    assert (
+        run_cli(
+            [
+                'evaluate',
+                'knn',
+                '--encoder',
+                'random:resnet18',
+                '--images',
+                str(images),
+                '--bands',
+                '1,x',
+            ]
+        )
+        == 2
+    )

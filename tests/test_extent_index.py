@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geocmid.data.extent_index import Extent, ExtentIndex
+from geocmid.raster.extent_index import Extent, ExtentIndex
 
 
 def brute_force(extents: list[Extent], box: Extent) -> list[int]:

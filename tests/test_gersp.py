@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from geocmid.errors import InputError
-from geocmid.tasks import gersp as gersp_module
-from geocmid.tasks.gersp import GeRSP, natural_band_mixing
+from geocmid.tasks.ssl import gersp as gersp_module
+from geocmid.tasks.ssl.gersp import GeRSP, natural_band_mixing
 
 BANDS = ['red', 'green', 'blue', 'nir']
 SIZE = 32

@@ -12,11 +12,11 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner, Result
+from geocmid_cli.pretrain import pretrain
 from PIL import Image
 
 from geocmid.errors import InputError
-from geocmid.pretraining import load_pretrain_config
-from geocmid_cli.pretrain import pretrain
+from geocmid.runs.pretrain import load_pretrain_config
 
 REPO = Path(__file__).resolve().parents[1]
 NAIP = REPO / 'sample_data' / 'naip'
@@ -106,8 +106,14 @@ def test_bad_natural_images(
 
 def test_natural_images_need_method_gersp(rasters: Path, natural: Path, tmp_path: Path) -> None:
     result = invoke(
-        '--config', REPO / 'configs' / 'cmid_tiny_test.yaml', '--rasters', rasters,
-        '--natural-images', natural, '-o', tmp_path / 'run',
+        '--config',
+        REPO / 'configs' / 'cmid_tiny_test.yaml',
+        '--rasters',
+        rasters,
+        '--natural-images',
+        natural,
+        '-o',
+        tmp_path / 'run',
     )
     assert isinstance(result.exception, InputError), repr(result.exception)
     assert '--natural-images' in str(result.exception) and 'gersp' in str(result.exception)
@@ -126,7 +132,9 @@ def test_exit_code_2_through_main(rasters: Path, tmp_path: Path) -> None:
     command = [sys.executable, '-c', 'from geocmid_cli.main import main; main()', 'pretrain']
     bad = subprocess.run(
         [*command, '--method', 'gersp', '--rasters', rasters, '-o', tmp_path / 'run'],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith('error: --natural-images: GeRSP needs')

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from geocmid.data.gersp_datamodule import NATURAL_MEAN, NATURAL_STD, GeRSPDataModule
+from geocmid.datamodules.gersp import NATURAL_MEAN, NATURAL_STD, GeRSPDataModule
 from geocmid.errors import InputError
 
 #: Solid colour of each natural-image class, so that a batch reveals its labels.
@@ -66,9 +66,7 @@ def test_batches_pair_patches_with_normalised_natural_images(rasters: Path, tmp_
     assert sorted(labels) == [0, 0, 1, 1, 2, 2]
 
 
-def test_natural_images_wrap_around_when_the_epoch_is_longer(
-    rasters: Path, tmp_path: Path
-) -> None:
+def test_natural_images_wrap_around_when_the_epoch_is_longer(rasters: Path, tmp_path: Path) -> None:
     data = make_data(rasters, write_natural_images(tmp_path / 'natural'), samples_per_epoch=16)
     data.setup('fit')
     assert len(list(data.train_dataloader())) == 8
@@ -97,9 +95,7 @@ def test_natural_folder_with_one_class(rasters: Path, tmp_path: Path) -> None:
         make_data(rasters, natural)
 
 
-def test_grayscale_and_cmyk_natural_images_are_read_as_rgb(
-    rasters: Path, tmp_path: Path
-) -> None:
+def test_grayscale_and_cmyk_natural_images_are_read_as_rgb(rasters: Path, tmp_path: Path) -> None:
     # ImageNet mixes a few grayscale and CMYK JPEGs among the RGB ones.
     natural = tmp_path / 'natural'
     (natural / 'a').mkdir(parents=True)

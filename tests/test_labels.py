@@ -14,8 +14,8 @@ from pyproj import CRS
 from rasterio.transform import Affine, from_origin
 from rasterio.warp import calculate_default_transform, reproject
 
-from geocmid.data.dataset import GeoRasterDataset
-from geocmid.data.labels import (
+from geocmid.datasets.geo_raster import GeoRasterDataset
+from geocmid.datasets.labels import (
     IGNORE_INDEX,
     LabelledDataset,
     RasterLabels,
@@ -179,8 +179,12 @@ def test_raster_labels_in_another_crs(make_geotiff) -> None:
         )
         warped = np.zeros((height, width), dtype=np.uint8)
         reproject(
-            ids, warped, src_transform=src.transform, src_crs=src.crs,
-            dst_transform=transform, dst_crs='EPSG:3857',
+            ids,
+            warped,
+            src_transform=src.transform,
+            src_crs=src.crs,
+            dst_transform=transform,
+            dst_crs='EPSG:3857',
         )
     mercator = make_geotiff('merc.tif', warped, crs='EPSG:3857', transform=transform)
 

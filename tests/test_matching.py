@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geocmid.data.augment import TwoViewAugmentation
 from geocmid.errors import InputError
 from geocmid.models.matching import cell_centres, gather_tokens, match_tokens
+from geocmid.transforms.augment import TwoViewAugmentation
 
 
 def centres(box: list[float], flipped: bool = False, grid_size: int = 7) -> torch.Tensor:

@@ -90,7 +90,7 @@ def test_warmup_cosine_values() -> None:
     lrs = [warmup_cosine(k, total, warmup, peak) for k in range(total + 1)]
     expected = [_reference_lr(k, total, warmup, peak, 1e-6) for k in range(total + 1)]
     np.testing.assert_allclose(lrs, expected, rtol=1e-12)
-    assert np.all(np.diff(lrs[:warmup + 1]) > 0)
+    assert np.all(np.diff(lrs[: warmup + 1]) > 0)
     assert np.all(np.diff(lrs[warmup:]) < 0)
 
 

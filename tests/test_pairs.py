@@ -14,14 +14,14 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from geocmid.data.change_patches import (
+from geocmid.datasets.change_patches import (
     IGNORE_INDEX,
     ChangePatches,
     change_threshold,
     label_regions,
     split_regions,
 )
-from geocmid.data.pairs import align_pair, pair_statistics, read_pairs
+from geocmid.datasets.pairs import align_pair, pair_statistics, read_pairs
 from geocmid.errors import InputError
 
 ORIGIN = (500000.0, 4000000.0)

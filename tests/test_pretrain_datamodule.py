@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geocmid.data.dataset import GeoRasterDataset
-from geocmid.data.pretrain_datamodule import PretrainDataModule
-from geocmid.data.sampling import ValidPatchSampler
+from geocmid.datamodules.pretrain import PretrainDataModule
+from geocmid.datasets.geo_raster import GeoRasterDataset
+from geocmid.samplers.valid_patch import ValidPatchSampler
 
 
 def test_raster_batches_are_cast_and_masked_on_the_device(

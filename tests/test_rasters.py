@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import write_geotiff
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from geocmid.data.rasters import (
+from geocmid.errors import InputError
+from geocmid.raster.files import (
     ValidityRule,
     check_bands,
     crs_name,
@@ -23,9 +25,6 @@ from geocmid.data.rasters import (
     raster_band_stats,
     require_georeferencing,
 )
-from geocmid.errors import InputError
-
-from conftest import write_geotiff
 
 
 def ramp(bands: int = 3, height: int = 16, width: int = 20, dtype: str = 'uint16') -> np.ndarray:

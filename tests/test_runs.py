@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from geocmid.runs import resolve_precision
+from geocmid.runs.folders import resolve_precision
 
 
 def test_auto_precision_is_full_precision_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,10 +11,10 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+from conftest import SAMPLE_DATA
 from shapely.geometry import box
 
-from conftest import SAMPLE_DATA
-from geocmid.data.stats import SIDECAR_NAME
+from geocmid.raster.stats import SIDECAR_NAME
 
 NAIP = sorted((SAMPLE_DATA / 'naip').glob('naip_*.tif'))
 LANDSAT = SAMPLE_DATA / 'landsat' / 'RGB.byte.tif'

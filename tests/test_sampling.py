@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import shapely
 import torch.distributed as dist
+from conftest import write_geotiff
 from rasterio.transform import from_origin
 
-from conftest import write_geotiff
-from geocmid.data.dataset import GeoRasterDataset
-from geocmid.data.sampling import ValidPatchSampler, ValidityGrid
+from geocmid.datasets.geo_raster import GeoRasterDataset
 from geocmid.errors import InputError
+from geocmid.samplers.valid_patch import ValidityGrid, ValidPatchSampler
 
 
 def raster_with_mask(path: Path, valid: np.ndarray, left: float = 0.0) -> Path:

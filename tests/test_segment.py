@@ -15,11 +15,13 @@ import pytest
 import rasterio
 import shapely
 import torch
+from conftest import SAMPLE_DATA, write_geotiff
 from rasterio.features import rasterize
 from rasterio.windows import Window
 
 import geocmid
 from geocmid.errors import InputError
+from geocmid.inference.bands import model_bands
 from geocmid.inference.jobs import run_jobs
 from geocmid.inference.outputs import (
     check_item_outputs,
@@ -28,14 +30,11 @@ from geocmid.inference.outputs import (
     provenance_tags,
     unique_names,
 )
-from geocmid.inference.bands import model_bands
-from geocmid.inference.segment import find_scenes, segment_scenes
+from geocmid.inference.products.segment import find_scenes, segment_scenes
 from geocmid.inference.tiling import TileGrid
 from geocmid.io.cards import ModelCard
 from geocmid.io.cog import validate_cog, write_cog
-from geocmid.training import SegmentConfig, train_segmentation
-
-from conftest import SAMPLE_DATA, write_geotiff
+from geocmid.runs.segmentation import SegmentConfig, train_segmentation
 
 SPACENET = SAMPLE_DATA / 'spacenet' / 'buildings.tif'
 LANDSAT = SAMPLE_DATA / 'landsat' / 'RGB.byte.tif'

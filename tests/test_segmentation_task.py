@@ -12,22 +12,27 @@ import pytest
 import shapely
 import timm
 import torch
+from conftest import SAMPLE_DATA
 from torch.utils.data import DataLoader
 from torchgeo.datasets import stack_samples
 
-from conftest import SAMPLE_DATA
-from geocmid.data.labels import IGNORE_INDEX
-from geocmid.data.segmentation_datamodule import SegmentationDataModule
+from geocmid.datamodules.segmentation import SegmentationDataModule
+from geocmid.datasets.labels import IGNORE_INDEX
 from geocmid.errors import InputError
-from geocmid.tasks.segmentation import Segmentation, load_timm_state_dict
+from geocmid.tasks.finetune.segmentation import Segmentation, load_timm_state_dict
 
 SPACENET = SAMPLE_DATA / 'spacenet'
 
 
 def quiet_trainer(**kwargs: object) -> lightning.Trainer:
     return lightning.Trainer(
-        accelerator='cpu', logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
+        accelerator='cpu',
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
     )
 
 
@@ -130,8 +135,11 @@ def test_learns_bright_squares_and_logs_iou() -> None:
     assert len(losses) == 8
     assert np.mean(losses[-2:]) < 0.5 * np.mean(losses[:2])
     metrics = trainer.callback_metrics
-    for name in ('val_AverageJaccardIndex', 'val_ClasswiseJaccardIndex_background',
-                 'val_ClasswiseJaccardIndex_square'):
+    for name in (
+        'val_AverageJaccardIndex',
+        'val_ClasswiseJaccardIndex_background',
+        'val_ClasswiseJaccardIndex_square',
+    ):
         assert 0 <= float(metrics[name]) <= 1, name
     assert float(metrics['val_ClasswiseJaccardIndex_square']) > 0.3
 
@@ -146,8 +154,12 @@ def spacenet(tmp_path: Path) -> Path:
 
 def test_split_blocks_never_overlap(spacenet: Path) -> None:
     data = SegmentationDataModule(
-        spacenet / 'buildings.tif', spacenet / 'buildings.geojson', patch_size=32, block_size=64,
-        val_fraction=0.3, seed=3,
+        spacenet / 'buildings.tif',
+        spacenet / 'buildings.geojson',
+        patch_size=32,
+        block_size=64,
+        val_fraction=0.3,
+        seed=3,
     )
     data.setup('fit')
 
@@ -201,11 +213,16 @@ def test_bad_split_settings(spacenet: Path) -> None:
 
 def test_trains_on_spacenet(spacenet: Path) -> None:
     data = SegmentationDataModule(
-        spacenet / 'buildings.tif', spacenet / 'buildings.geojson', patch_size=64, batch_size=2,
+        spacenet / 'buildings.tif',
+        spacenet / 'buildings.geojson',
+        patch_size=64,
+        batch_size=2,
         length=6,
     )
     task = Segmentation(
-        backbone='resnet18', in_channels=data.in_channels, num_classes=2,
+        backbone='resnet18',
+        in_channels=data.in_channels,
+        num_classes=2,
         labels=list(data.class_names),
     )
     trainer = quiet_trainer(max_epochs=1, limit_val_batches=2, use_distributed_sampler=False)

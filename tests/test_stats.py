@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_geotiff
 from rasterio.transform import from_origin
 
-import geocmid.data.dataset as dataset_module
-from conftest import write_geotiff
-from geocmid.data.dataset import GeoRasterDataset
-from geocmid.data.stats import SIDECAR_NAME, BandStats, sample_windows
+import geocmid.datasets.geo_raster as dataset_module
+from geocmid.datasets.geo_raster import GeoRasterDataset
+from geocmid.raster.stats import SIDECAR_NAME, BandStats, sample_windows
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,9 @@ def _sidecars_beside_the_data(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv('GEOCMID_STATS_DIR', raising=False)
 
 
-def test_stats_dir_overrides_the_data_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stats_dir_overrides_the_data_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / 'data'
     two_rasters(data)
     monkeypatch.setenv('GEOCMID_STATS_DIR', str(tmp_path / 'stats'))

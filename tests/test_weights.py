@@ -306,9 +306,7 @@ def test_save_and_load_encoder_round_trip(tmp_path: Path) -> None:
 
 def test_load_encoder_with_backbone_kwargs(tmp_path: Path) -> None:
     kwargs = {'embed_dim': 16, 'depths': [2, 2], 'num_heads': [2, 4], 'img_size': 56}
-    encoder = timm.create_model(
-        'swin_base_patch4_window7_224', in_chans=2, num_classes=0, **kwargs
-    )
+    encoder = timm.create_model('swin_base_patch4_window7_224', in_chans=2, num_classes=0, **kwargs)
     save_encoder(tmp_path / 'encoder.pt', encoder.state_dict())
     card = small_card(
         backbone='swin_base_patch4_window7_224',

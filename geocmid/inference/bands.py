@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..data.rasters import BandSelection, PathLike, check_bands
-from ..errors import InputError
-from ..io.cards import ModelCard
+from geocmid.errors import InputError
+from geocmid.io.cards import ModelCard
+from geocmid.raster.files import BandSelection, PathLike, check_bands
 
 
 def model_bands(

@@ -29,8 +29,8 @@ from rasterio.windows import Window
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from .tiling import BLENDS, Blend, Strip, TileGrid, default_overlap
+from geocmid.errors import InputError
+from geocmid.inference.tiling import BLENDS, Blend, Strip, TileGrid, default_overlap
 
 #: A model: normalised float32 images (B, C, h, w) -> logits (B, K, h, w).
 Predictor = Callable[[Tensor], Tensor]

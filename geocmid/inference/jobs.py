@@ -17,8 +17,8 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from ..io.cards import ModelCard
+from geocmid.errors import InputError
+from geocmid.io.cards import ModelCard
 
 #: Tile used when a model card gives neither a tile nor a patch size.
 DEFAULT_TILE = 256

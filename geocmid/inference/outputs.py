@@ -16,13 +16,12 @@ from pyogrio.errors import DataSourceError
 from rasterio.errors import RasterioError
 
 import geocmid
-
-from ..errors import InputError
-from ..io.atomic import check_writable
-from ..io.cog import validate_cog
-from ..models.weights import sha256_file
-from ..types import PathLike
-from .tiling import default_overlap
+from geocmid.errors import InputError
+from geocmid.inference.tiling import default_overlap
+from geocmid.io.atomic import check_writable
+from geocmid.io.cog import validate_cog
+from geocmid.models.weights import sha256_file
+from geocmid.types import PathLike
 
 
 def check_outputs(

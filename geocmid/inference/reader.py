@@ -17,18 +17,18 @@ from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from ..data.rasters import (
+from geocmid.errors import InputError
+from geocmid.raster.files import (
     BandSelection,
     ValidityRule,
     check_bands,
     open_raster,
     require_georeferencing,
 )
-from ..errors import InputError
 
 
 def open_scene(path: str | os.PathLike[str]) -> DatasetReader:
-    """Open a readable, georeferenced raster (see :mod:`geocmid.data.rasters`).
+    """Open a readable, georeferenced raster (see :mod:`geocmid.raster.files`).
 
     Raises:
         InputError: the file is missing, unreadable or corrupt, or has no CRS or geotransform.
@@ -82,7 +82,7 @@ class SceneReader:
     (``PredictionWriter(..., output_grid=reader.scene)``).
 
     A pixel is valid only where every selected band is valid (the data layer's
-    :class:`~geocmid.data.rasters.ValidityRule`: ``nodata`` when given, else the file's nodata
+    :class:`~geocmid.raster.files.ValidityRule`: ``nodata`` when given, else the file's nodata
     value, alpha or mask band), and never NaN. Invalid pixels read as 0
     after normalisation, the neutral value for the model.
 
@@ -133,8 +133,10 @@ class SceneReader:
 
     def _warp(self, resolution: float | None) -> DatasetReader | WarpedVRT:
         xres, yres = self.scene.res
-        if resolution is None or math.isclose(xres, resolution, rel_tol=1e-9) and math.isclose(
-            yres, resolution, rel_tol=1e-9
+        if (
+            resolution is None
+            or math.isclose(xres, resolution, rel_tol=1e-9)
+            and math.isclose(yres, resolution, rel_tol=1e-9)
         ):
             return self.scene
         if not resolution > 0:

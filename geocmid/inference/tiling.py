@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 from rasterio.windows import Window
 
-from ..errors import InputError
+from geocmid.errors import InputError
 
 Blend = Literal['none', 'linear', 'cosine', 'gaussian']
 BLENDS: tuple[Blend, ...] = ('none', 'linear', 'cosine', 'gaussian')

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import InputError
+from geocmid.errors import InputError
 
 #: Sidecars that GDAL keeps next to a raster; they travel with it when it is renamed.
 SIDECAR_SUFFIXES = ('.aux.xml', '.msk', '.ovr')

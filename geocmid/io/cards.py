@@ -132,8 +132,8 @@ class ModelCard:
         version = body.get('card_version', CARD_VERSION)
         if not isinstance(version, int) or version > CARD_VERSION:
             raise InputError(
-                source, f'card_version {version!r} is newer than this geocmid reads '
-                f'({CARD_VERSION})'
+                source,
+                f'card_version {version!r} is newer than this geocmid reads ({CARD_VERSION})',
             )
         fields = {k: v for k, v in body.items() if k != 'card_version'}
         if fields.get('classes') is not None:
@@ -247,9 +247,7 @@ def card_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(CARD_NAME)
 
 
-def write_card(
-    path: str | os.PathLike[str], card: ModelCard, *, overwrite: bool = False
-) -> Path:
+def write_card(path: str | os.PathLike[str], card: ModelCard, *, overwrite: bool = False) -> Path:
     """Write ``card`` atomically as JSON.
 
     Args:
@@ -293,4 +291,3 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
 def default_band_names(count: int) -> list[str]:
     """Placeholder band names ``band_1 ... band_N`` for data without band descriptions."""
     return [f'band_{i}' for i in range(1, count + 1)]
-

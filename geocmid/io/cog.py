@@ -36,9 +36,9 @@ from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from ..errors import InputError
-from .atomic import atomic_output, check_writable, partial_path
-from .cards import ClassInfo
+from geocmid.errors import InputError
+from geocmid.io.atomic import atomic_output, check_writable, partial_path
+from geocmid.io.cards import ClassInfo
 
 #: Scale of uint8-quantised probabilities: stored value v means probability v / 254.
 PROBABILITY_SCALE = 1 / 254

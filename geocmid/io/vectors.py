@@ -16,9 +16,9 @@ from pyproj import CRS
 from rasterio.features import rasterize, shapes
 from rasterio.windows import Window
 
-from ..errors import InputError
-from .atomic import atomic_output, check_writable
-from .cog import GDAL_CACHE_BYTES, gdal_cache_limit
+from geocmid.errors import InputError
+from geocmid.io.atomic import atomic_output, check_writable
+from geocmid.io.cog import GDAL_CACHE_BYTES, gdal_cache_limit
 
 #: Columns of every polygon layer, in order, with their dtypes.
 SCHEMA = {

@@ -24,8 +24,8 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch import Tensor, nn
 
-from ..errors import InputError
-from .masking import resize_mask
+from geocmid.errors import InputError
+from geocmid.models.masking import resize_mask
 
 __all__ = ('MaskedEncoder', 'check_patch_size', 'create_encoder', 'is_swin')
 
@@ -100,9 +100,7 @@ def _check_patch_size(architecture: nn.Module, backbone: str, patch_size: int) -
         )
 
 
-def create_encoder(
-    backbone: str, in_chans: int, patch_size: int, **timm_kwargs: Any
-) -> nn.Module:
+def create_encoder(backbone: str, in_chans: int, patch_size: int, **timm_kwargs: Any) -> nn.Module:
     """Create the timm encoder that :class:`MaskedEncoder` wraps, for ``in_chans`` bands.
 
     No pretrained weights are downloaded. Drop-path defaults to 0 (CMID pre-training, spec 3.2);

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import InputError
+from geocmid.errors import InputError
 
 __all__ = ('block_mask', 'masked_cell_count', 'mean_fill', 'resize_mask')
 

@@ -6,7 +6,7 @@ code (spec cmid.md 17.1): the official location grids used albumentations' fract
 as pixel offsets, which dropped the crop offsets, so two crops of equal size matched position to
 position wherever they were cut. Here the cell centres of both token grids are placed in one common
 frame, the pixel coordinates of the source patch, from each crop's true box and flip flag (see
-:class:`geocmid.data.augment.CropGeometry`), so tokens are matched by true geometric overlap.
+:class:`geocmid.transforms.augment.CropGeometry`), so tokens are matched by true geometric overlap.
 """
 
 from __future__ import annotations

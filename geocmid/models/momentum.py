@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import InputError
+from geocmid.errors import InputError
 
 __all__ = (
     'KeyQueue',

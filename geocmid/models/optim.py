@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..errors import InputError
+from geocmid.errors import InputError
 
 __all__ = (
     'NO_WEIGHT_DECAY',

@@ -1,6 +1,6 @@
 """Lightning/TorchGeo tasks: what is trained and how."""
 
-from .cmid import CMID
-from .gersp import GeRSP
+from geocmid.tasks.ssl.cmid import CMID
+from geocmid.tasks.ssl.gersp import GeRSP
 
 __all__ = ('CMID', 'GeRSP')
