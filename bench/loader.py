@@ -10,8 +10,10 @@ process with:
 3. geocmid's ``GeoRasterDataset`` + ``ValidPatchSampler``, reading as pretraining does
    (``PretrainDataModule``'s ``RASTER_OPTIONS``: uint8 images, cast to float32 on the device,
    and, the nodata value implying it, the validity mask rebuilt there too) with float64
-   georeferencing. ``--mode float32`` measures the float32 images with a validity mask that
-   the other data modules read.
+   georeferencing. ``--mode finetuning`` reads as the segmentation data module does
+   (:data:`~geocmid.datasets.geo_raster.DEVICE_READ`, the same means); ``--mode float32``
+   measures float32 images with a host-computed validity mask (the dataset's default for
+   other callers; no training path reads it any more).
 
 The three loaders run in 40 interleaved rounds of 10 patches, so a change in machine load
 hits them alike. The last line printed is ``ratio_vs_raw=<x> ratio_vs_torchgeo=<y>`` (over
@@ -21,7 +23,7 @@ which varies less between runs on a loaded machine.
 Usage::
 
     python bench/loader.py [--patches 400] [--rounds 40] [--compress deflate|none]
-        [--cache-mb N] [--mode pretraining|float32]
+        [--cache-mb N] [--mode pretraining|finetuning|float32]
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from torchgeo.datasets import RasterDataset
 from torchgeo.samplers import RandomPatchSampler
 
 from geocmid.datamodules.pretrain import RASTER_OPTIONS
-from geocmid.datasets.geo_raster import GeoRasterDataset
+from geocmid.datasets.geo_raster import DEVICE_READ, GeoRasterDataset
 from geocmid.samplers.valid_patch import ValidPatchSampler
 
 
@@ -150,8 +152,9 @@ def main() -> None:
     parser.add_argument(
         '--mode',
         default='pretraining',
-        choices=['pretraining', 'float32'],
-        help="geocmid's samples: as pretraining reads them, or float32 images with a mask",
+        choices=['pretraining', 'finetuning', 'float32'],
+        help="geocmid's samples: as pretraining or fine-tuning reads them, or float32 images "
+        'with a host-computed mask',
     )
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
@@ -166,7 +169,9 @@ def main() -> None:
         tg_sampler = RandomPatchSampler(
             tg_dataset, size=args.patch, length=count, generator=args.seed
         )
-        options = RASTER_OPTIONS if args.mode == 'pretraining' else {}
+        options = {'pretraining': RASTER_OPTIONS, 'finetuning': DEVICE_READ, 'float32': {}}[
+            args.mode
+        ]
         ours, our_init = timed(
             lambda: GeoRasterDataset(folder, stats_path=folder / 'stats.json', **options)
         )

@@ -234,7 +234,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             print('gpu throughput: skipped (no CUDA device)')
         else:
-            args.batch_size = 64  # the paper's batch per GPU (cmid.md 10.3)
+            args.batch_size = 64  # the paper's batch per GPU (docs/cmid.md#optimisation)
             data = Patches(args.batch_size * (args.warmup + args.steps), 3, 224)
             step = median(time_steps(build_cmid('resnet50', 3, 224), data, args, 'bf16-mixed'))
             rate = args.batch_size / step

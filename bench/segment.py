@@ -30,7 +30,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from geocmid.inference.engine import predict_scene
-from geocmid.inference.reader import SceneReader
+from geocmid.raster.scene import SceneReader
 from geocmid.inference.tiling import TileGrid
 from geocmid.io.cog import PredictionWriter, default_classes
 

@@ -8,8 +8,23 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from geocmid.errors import InputError
+from geocmid.inference.change_methods import CHANGE_METHODS
+from geocmid.inference.thresholds import THRESHOLD_RULES
 
-from .options import BANDS, ItemReport, echo_fine_tuning, hardware_options, run_folder_options
+from .options import (
+    BANDS,
+    NON_NEGATIVE,
+    POSITIVE,
+    ItemReport,
+    check_output,
+    echo_fine_tuning,
+    freeze_encoder_option,
+    hardware_options,
+    run_folder_options,
+    scene_inputs,
+    training_options,
+    tta_option,
+)
 
 if TYPE_CHECKING:
     from geocmid.inference.products.change import ChangeResult
@@ -19,28 +34,32 @@ _BESIDE = '<beside the output>'
 
 
 def _threshold(value: str | None) -> float | str | None:
-    """``--threshold``: a number, or 'otsu'."""
+    """``--threshold``: a number, or a rule (checked further by the API)."""
     if value is None:
         return None
-    if value.lower() == 'otsu':
-        return 'otsu'
+    if value.lower() in THRESHOLD_RULES:
+        return value.lower()
     try:
         return float(value)
     except ValueError:
-        problem = f"must be a number in [0, 1] or 'otsu', not {value!r}"
+        problem = f'must be a number or one of {", ".join(THRESHOLD_RULES)}, not {value!r}'
         raise InputError('--threshold', problem) from None
 
 
 def _summary(name: str, result: ChangeResult) -> str:
     """One line per pair: polygons, changed area, threshold and the files written."""
     paths = [str(p) for p in result.paths]
+    how = f'label-free {result.method}, ' if result.method else ''
+    rule = f' ({result.threshold_rule})' if result.threshold_rule else ''
     return (
         f'{name}: {len(result.polygons)} change polygon(s), {result.changed_area_m2 / 1e4:.2f} ha, '
-        f'threshold {result.threshold:.3f}' + (f' -> {", ".join(paths)}' if paths else '')
+        f'{how}threshold {result.threshold:.4g}{rule}'
+        + (f' -> {", ".join(paths)}' if paths else '')
     )
 
 
 @click.command()
+@scene_inputs('before', 'after')
 @click.argument('before', required=False, type=click.Path(path_type=Path))
 @click.argument('after', required=False, type=click.Path(path_type=Path))
 @click.option(
@@ -52,12 +71,19 @@ def _summary(name: str, result: ChangeResult) -> str:
     help='CSV with before,after columns (optionally name), or a LEVIR-CD / SZTAKI folder.',
 )  # fmt: skip
 @click.option(
-    '--model', type=click.Path(path_type=Path), help='Run folder of `geocmid train change`.'
-)
+    '--model', type=click.Path(path_type=Path),
+    help='Run folder of `geocmid train change`, or its .onnx export (`geocmid export`).',
+)  # fmt: skip
 @click.option(
     '--encoder', type=click.Path(path_type=Path),
-    help="Encoder (encoder.pt or run folder) for label-free detection: distance of the two dates' "
-    "features, thresholded by Otsu's method unless --threshold is given.",
+    help='Encoder (encoder.pt, run folder or random:NAME) for label-free detection: its card '
+    'gives the bands; see --method.',
+)  # fmt: skip
+@click.option(
+    '--method', type=click.Choice(CHANGE_METHODS),
+    help='Label-free score (with --encoder): fusion (default: IR-MAD plus the encoder\'s '
+    'fine-stage feature distance), irmad (radiometry only), features (encoder only), cva '
+    '(change vector analysis). See docs/change.md.',
 )  # fmt: skip
 @click.option(
     '--raster', is_flag=False, flag_value=_BESIDE, default=None,
@@ -70,24 +96,30 @@ def _summary(name: str, result: ChangeResult) -> str:
 )  # fmt: skip
 @click.option(
     '--threshold',
-    help="Change-score threshold in [0, 1] or 'otsu' (default 0.5 with --model, otsu with "
-    '--encoder).',
+    help="Change-score threshold (a probability in [0, 1] with --model, the score's own units "
+    "label-free), or a rule found from the scene's scores: 'ki' (Kittler-Illingworth minimum "
+    "error), 'otsu'. Default 0.5 with --model, ki with --encoder.",
 )
+@click.option(
+    '--change-fraction', type=float,
+    help='Expected share of changed pixels, in (0, 1): the threshold leaves that share above it.',
+)  # fmt: skip
 @click.option(
     '--min-area', type=float, default=0.0, show_default=True, help='Smallest polygon kept (m²).'
 )
 @click.option(
     '--simplify', type=float, default=0.0, show_default=True, help='Simplification tolerance (m).'
 )
-@click.option('--tile', type=int, help="Window size in pixels (default the model card's).")
-@click.option('--overlap', type=int, help='Window overlap in pixels (default tile / 4).')
+@click.option('--tile', type=POSITIVE, help="Window size in pixels (default the model card's).")
+@click.option('--overlap', type=NON_NEGATIVE, help='Window overlap in pixels (default tile / 4).')
 @click.option(
-    '--batch-size', type=int, default=4, show_default=True, help='Windows per forward pass.'
+    '--batch-size', type=POSITIVE, default=4, show_default=True, help='Windows per forward pass.'
 )
 @click.option(
     '--blend', type=click.Choice(['cosine', 'linear', 'gaussian', 'none']), default='cosine',
     show_default=True, help='How overlapping windows are combined.',
 )  # fmt: skip
+@tta_option
 @click.option('--nodata', type=float, help="Override or supply both images' nodata value.")
 @click.option(
     '--bands',
@@ -101,6 +133,11 @@ def _summary(name: str, result: ChangeResult) -> str:
 @click.option(
     '--device', default='auto', show_default=True, help="'auto', 'cpu', 'cuda', 'cuda:1'..."
 )
+@click.option(
+    '--devices', default='1', show_default=True,
+    help='With --pairs, spread the pairs over N GPUs (one worker process each), or over a list '
+    "of devices ('cuda:0,cuda:2'; 'cpu,cpu' for two CPU workers).",
+)  # fmt: skip
 @click.option('--overwrite', is_flag=True, help='Replace existing outputs.')
 @click.option(
     '--skip-existing', is_flag=True,
@@ -118,6 +155,7 @@ def change(
     raster: str | None,
     probabilities: str | None,
     threshold: str | None,
+    devices: str,
     skip_existing: bool,
     fail_fast: bool,
     quiet: bool,
@@ -130,15 +168,29 @@ def change(
     --pairs, a bad pair is reported and the others still run (unless --fail-fast); the exit
     status is then 2.
     """
+    check_output(output, folder=pairs is not None)
+    for extra in (raster, probabilities):
+        check_output(None if extra in (None, _BESIDE) else Path(extra))
     from geocmid.api import change_model, detect_change, detect_changes
+    from geocmid.inference.devices import parse_devices
+    from geocmid.inference.onnx_model import is_onnx, load_model
+    from geocmid.inference.products.change import ChangeModel, StackedPair
 
     given = (before is not None, after is not None, pairs is not None)
     if given not in ((True, True, False), (False, False, True)):
         raise click.UsageError('give BEFORE and AFTER, or --pairs (not both)')
     if skip_existing and pairs is None:
         raise click.UsageError('--skip-existing resumes a run over --pairs')
-    loaded = change_model(model, encoder=encoder)
+    workers = parse_devices(devices)
+    if model is not None and encoder is None and is_onnx(model):
+        # its card, or one from --bands when it has none
+        onnx = load_model(model, 'change', bands=options.get('bands'))
+        loaded = ChangeModel(StackedPair(onnx.network).eval(), onnx.card, onnx.weights, False)
+    else:
+        loaded = change_model(model, encoder=encoder)
     if before is not None and after is not None:
+        if workers != 1:
+            raise InputError('--devices', 'spreads many pairs over devices; give one --device')
         rasters = (('raster', raster, 'change'), ('probabilities', probabilities, 'score'))
         beside = {
             name: output.with_name(f'{output.stem}_{suffix}.tif') if value == _BESIDE else value
@@ -159,7 +211,7 @@ def change(
     assert pairs is not None
     results = detect_changes(
         pairs, model=loaded, out_dir=output, raster=raster is not None,
-        probabilities=probabilities is not None, threshold=_threshold(threshold),
+        probabilities=probabilities is not None, threshold=_threshold(threshold), devices=workers,
         fail_fast=fail_fast, on_error=report.error, on_skip=report.skip, progress=not quiet,
         skip_existing=skip_existing, **options,
     )  # fmt: skip
@@ -184,21 +236,19 @@ def change(
 @click.option('--backbone', help="timm encoder without --encoder (default 'resnet50').")
 @click.option('--decoder', help="Siamese decoder: 'fcsiamdiff' (default) or 'fcsiamconc'.")
 @click.option('--bands', help="Bands of both images, 1-based ('1,2,3'); default all.")
+@freeze_encoder_option('decoder')
+@click.option('--epochs', type=POSITIVE, help='Training epochs (default 20 unless --max-steps).')
 @click.option(
-    '--freeze-encoder',
-    is_flag=True,
-    default=None,
-    help='Keep the encoder fixed; train the decoder.',
+    '--max-steps', type=POSITIVE, help='Optimiser steps; stops at the first limit that is reached.'
 )
-@click.option('--epochs', type=int, help='Training epochs (default 20 unless --max-steps).')
-@click.option('--max-steps', type=int, help='Optimiser steps; stops at the first limit reached.')
-@click.option('--batch-size', type=int, help='Patches per device per step (default 8).')
-@click.option('--patch-size', type=int, help='Training patch side in pixels (default 256).')
+@click.option('--batch-size', type=POSITIVE, help='Patches per device per step (default 8).')
+@click.option('--patch-size', type=POSITIVE, help='Training patch side in pixels (default 256).')
 @click.option(
     '--val-fraction', type=float, help='Share of the pairs held out for validation (0.2).'
 )
-@click.option('--workers', type=int, help='Data-loading processes per device (default 0).')
+@click.option('--workers', type=NON_NEGATIVE, help='Data-loading processes per device (default 0).')
 @hardware_options
+@training_options
 @click.option('--seed', type=int, help='Random seed (default 0).')
 @click.option(
     '--config',
@@ -217,6 +267,7 @@ def train_change(
     score and IoU of the change class are logged per epoch. RUN_DIR receives model.ckpt,
     model_card.json, config.yaml and logs/.
     """
+    check_output(options.get('output'), folder=True)  # type: ignore[arg-type]
     from geocmid.runs import change as change_training
     from geocmid.runs.config import resolve
 

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .options import BANDS, echo_fine_tuning, hardware_options, run_folder_options
+from .options import (
+    BANDS,
+    NON_NEGATIVE,
+    POSITIVE,
+    check_output,
+    echo_fine_tuning,
+    freeze_encoder_option,
+    hardware_options,
+    run_folder_options,
+    training_options,
+    tta_option,
+)
 
 
 @click.command()
@@ -17,19 +27,21 @@ from .options import BANDS, echo_fine_tuning, hardware_options, run_folder_optio
     '--model',
     required=True,
     type=click.Path(path_type=Path),
-    help='A run folder written by `geocmid train classify`.',
+    help='A run folder written by `geocmid train classify`, or its .onnx export.',
 )
 @click.option('-o', '--output', required=True, type=click.Path(path_type=Path), help='CSV file.')
-@click.option('--batch-size', type=int, help='Chips per forward pass (default 32).')
-@click.option('--workers', type=int, help='Data-loading processes (default 0).')
+@click.option('--batch-size', type=POSITIVE, help='Chips per forward pass (default 32).')
+@click.option('--workers', type=NON_NEGATIVE, help='Data-loading processes (default 0).')
 @click.option('--device', help="Torch device, e.g. 'cpu' or 'cuda'; default CUDA if any.")
 @click.option('--overwrite', is_flag=True, help='Replace an existing output file.')
+@tta_option
 def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
     """Predict the class of every chip under IMAGES, writing one CSV row per chip.
 
     Columns: path (relative to IMAGES), class, probability, then p_<class> for every class.
     """
-    from geocmid.runs.classification import classify_folder
+    check_output(output)
+    from geocmid.inference.products.classify import classify_folder
 
     given = {key: value for key, value in options.items() if value is not None}
     table = classify_folder(model, images, output, **given)
@@ -55,14 +67,19 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
 @click.option('--backbone', help="timm encoder without --encoder (default 'resnet50').")
 @click.option('--bands', type=BANDS, help="Chip bands, 1-based, in the encoder's order.")
 @click.option('--split', type=float, help='Share of each class used for training (default 0.8).')
-@click.option('--patch-size', type=int, help="Chip side in pixels; default the card's (else 224).")
-@click.option('--freeze-encoder', is_flag=True, default=None, help='Train the classifier only.')
-@click.option('--epochs', type=int, help='Training epochs (default 20 unless --max-steps).')
-@click.option('--max-steps', type=int, help='Optimiser steps; stops at the first limit reached.')
-@click.option('--batch-size', type=int, help='Chips per step (default 32).')
+@click.option(
+    '--patch-size', type=POSITIVE, help="Chip side in pixels; default the card's (else 224)."
+)
+@freeze_encoder_option('classifier')
+@click.option('--epochs', type=POSITIVE, help='Training epochs (default 20 unless --max-steps).')
+@click.option(
+    '--max-steps', type=POSITIVE, help='Optimiser steps; stops at the first limit that is reached.'
+)
+@click.option('--batch-size', type=POSITIVE, help='Chips per step (default 32).')
 @click.option('--lr', type=float, help='Learning rate (default 0.001).')
-@click.option('--workers', type=int, help='Data-loading processes (default 0).')
-@partial(hardware_options, devices=False)
+@click.option('--workers', type=NON_NEGATIVE, help='Data-loading processes (default 0).')
+@hardware_options
+@training_options
 @click.option('--seed', type=int, help='Random seed (default 0).')
 @click.option(
     '--config',
@@ -78,6 +95,7 @@ def train_classify(config_file: Path | None, overwrite: bool, quiet: bool, **opt
     RUN_DIR receives model.ckpt, model_card.json (bands, normalisation, patch size, classes,
     encoder provenance), config.yaml and logs/ (loss and accuracy per epoch).
     """
+    check_output(options.get('output'), folder=True)
     from geocmid.runs.classification import ClassifyConfig, train_classification
     from geocmid.runs.config import resolve
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import click
 
-from .options import BANDS
+from .options import BANDS, POSITIVE, check_output, scene_inputs
 
 
 @click.command()
+@scene_inputs('rasters')
 @click.option(
     '--rasters',
     required=True,
@@ -29,14 +30,14 @@ from .options import BANDS
     type=click.Path(path_type=Path),
     help='GeoParquet file to write (e.g. embeddings.parquet).',
 )
-@click.option('--tile', type=int, help="Window side in pixels; default the card's patch size.")
-@click.option('--stride', type=int, help='Step between windows in pixels; default --tile.')
+@click.option('--tile', type=POSITIVE, help="Window side in pixels; default the card's patch size.")
+@click.option('--stride', type=POSITIVE, help='Step between windows in pixels; default --tile.')
 @click.option(
     '--bands',
     type=BANDS,
     help="Raster bands, 1-based, in the encoder's order; default the card's band_indices.",
 )
-@click.option('--batch-size', type=int, help='Windows per forward pass (default 32).')
+@click.option('--batch-size', type=POSITIVE, help='Windows per forward pass (default 32).')
 @click.option('--device', help="Torch device, e.g. 'cpu' or 'cuda'; default CUDA if any.")
 @click.option('--overwrite', is_flag=True, help='Replace an existing output file.')
 @click.option('--quiet', is_flag=True, help='No progress bar.')
@@ -47,6 +48,7 @@ def embed(rasters: Path, encoder: str, output: Path, quiet: bool, **options: Any
     window's pixel offsets, its share of valid pixels and the average-pooled feature vector
     (column 'embedding'). Windows holding only nodata are skipped.
     """
+    check_output(output)
     from geocmid.inference.products.embed import embed as embed_rasters
 
     given = {key: value for key, value in options.items() if value is not None}

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .options import BANDS
+from .options import BANDS, NON_NEGATIVE, POSITIVE, check_output
 
 
 def _common_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -41,15 +41,15 @@ def _common_options(command: Callable[..., None]) -> Callable[..., None]:
             '--bands',
             type=BANDS,
             help="Image bands to feed, 1-based, in the encoder's order (e.g. 1,2,3); "
-            'default all. Required with random:<backbone>.',
+            'default all (with random:<backbone>: all bands of the images, which must agree).',
         ),
         click.option(
             '--size',
-            type=int,
+            type=POSITIVE,
             help="Image side in pixels; default the card's patch size (else 224).",
         ),
-        click.option('--batch-size', type=int, help='Images per forward pass (default 64).'),
-        click.option('--workers', type=int, help='Data-loading processes (default 0).'),
+        click.option('--batch-size', type=POSITIVE, help='Images per forward pass (default 64).'),
+        click.option('--workers', type=NON_NEGATIVE, help='Data-loading processes (default 0).'),
         click.option('--device', help="Torch device, e.g. 'cpu' or 'cuda'; default CUDA if any."),
         click.option('--verbose', is_flag=True, help='Also print the accuracy of each class.'),
         click.option(
@@ -69,6 +69,7 @@ def _run(
     from geocmid.evaluation.evaluate import evaluate, write_result
     from geocmid.io.atomic import check_writable
 
+    check_output(json_path)
     if json_path is not None:
         check_writable(json_path, overwrite)  # fail before the features are computed
     given = {key: value for key, value in options.items() if value is not None}
@@ -93,7 +94,7 @@ def evaluate() -> None:
 
 @evaluate.command()
 @_common_options
-@click.option('--k', type=int, help='Neighbours that vote (default 20).')
+@click.option('--k', type=POSITIVE, help='Neighbours that vote (default 20).')
 @click.option(
     '--temperature',
     type=float,

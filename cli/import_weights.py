@@ -8,6 +8,8 @@ import click
 
 from geocmid.models.weights import IMPORT_FORMATS, ImportFormat, import_weights
 
+from .options import check_output
+
 
 @click.command('import-weights')
 @click.argument('checkpoint', type=click.Path(path_type=Path))
@@ -34,6 +36,7 @@ def import_weights_command(
     CHECKPOINT is a backbone-only file or a full pre-training checkpoint; from a full one the
     student backbone is taken.
     """
+    check_output(output, folder=output.is_dir())
     encoder, card = import_weights(checkpoint, fmt, output, overwrite=overwrite)
     click.echo(f'wrote {encoder} ({card.backbone}, {card.in_chans} bands, method {card.method})')
     click.echo(f'source sha256 {card.provenance["sha256"]}')

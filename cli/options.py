@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -10,7 +12,7 @@ import click
 from geocmid.errors import InputError
 
 if TYPE_CHECKING:  # geocmid is imported only when a command runs, to keep the CLI quick
-    from geocmid.runs.segmentation import RunResult
+    from geocmid.runs.result import RunResult
 
 
 class BandIndices(click.ParamType):
@@ -32,6 +34,13 @@ class BandIndices(click.ParamType):
 
 BANDS = BandIndices()
 
+#: Counts that must be at least 1 (--batch-size, --tile, --epochs, --max-steps, ...): 0 or a
+#: negative number is a usage error (exit 2), never a silent fallback to the default.
+POSITIVE = click.IntRange(min=1)
+
+#: Counts that may be 0 (--workers: 0 loads data in the main process).
+NON_NEGATIVE = click.IntRange(min=0)
+
 
 def split_list(value: str | None) -> list[str] | None:
     """``'a, b,c'`` -> ``['a', 'b', 'c']``; None stays None (not given)."""
@@ -44,6 +53,46 @@ def parse_bands(value: str | None) -> list[int | str] | None:
     """``'1,2,3'`` -> ``[1, 2, 3]``; band names stay strings (``'red,nir'``)."""
     items = split_list(value)
     return None if items is None else [int(item) if item.isdigit() else item for item in items]
+
+
+def check_output(path: Path | None, *, folder: bool = False) -> None:
+    """Fail (exit 2) before any work starts if the output ``path`` cannot be written.
+
+    Only writability is checked here, by trying (``os.access`` says yes to root everywhere);
+    whether an existing output may be replaced is the command's business.
+
+    Args:
+        path: the output file or, with ``folder``, the output folder; None: nothing to check.
+        folder: whether ``path`` is a folder (created if missing) rather than a file.
+    """
+    if path is None:
+        return
+    from geocmid.io.atomic import check_folder_writable
+
+    check_folder_writable(path if folder else Path(path).absolute().parent, source=path)
+
+
+def tta_option[F: Callable[..., Any]](command: F) -> F:
+    """``--tta``: test-time augmentation (see ``geocmid/inference/tta.py``)."""
+    return click.option(
+        '--tta', type=click.Choice(['none', 'flips', 'd4']), default='none', show_default=True,
+        help='Test-time augmentation: average the probabilities over the 4 flips or the 8 '
+        'rotations and flips of each window, undone before blending.',
+    )(command)  # fmt: skip
+
+
+def freeze_encoder_option(head: str) -> Callable[[Any], Any]:
+    """``--freeze-encoder``, with one meaning for every fine-tuning task.
+
+    See ``geocmid/tasks/finetune/encoder.py``; ``head`` names what still trains.
+    """
+    return click.option(
+        '--freeze-encoder',
+        is_flag=True,
+        default=None,
+        help=f'Train the {head} only: the encoder keeps its weights and its BatchNorm '
+        'statistics (eval mode).',
+    )
 
 
 def hardware_options[F: Callable[..., Any]](command: F, *, devices: bool = True) -> F:
@@ -61,11 +110,25 @@ def hardware_options[F: Callable[..., Any]](command: F, *, devices: bool = True)
     ]
     if devices:
         options.insert(0, click.option(
-            '--devices', type=int, help='Number of devices; more than one trains with DDP.'
+            '--devices', type=POSITIVE, help='Number of devices; more than one trains with DDP.'
         ))  # fmt: skip
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def training_options[F: Callable[..., Any]](command: F) -> F:
+    """``--num-nodes`` and ``--checkpoint-every``, which every training command takes."""
+    command = click.option(
+        '--checkpoint-every',
+        help="How often checkpoints/last.ckpt is replaced: steps ('500') or a duration "
+        "('10min', '1h'); default every 10 minutes of training or each epoch, whichever first.",
+    )(command)
+    return click.option(
+        '--num-nodes',
+        type=POSITIVE,
+        help='Machines to train on (default 1); SLURM or torchrun starts one process per device.',
+    )(command)
 
 
 def run_folder_options[F: Callable[..., Any]](command: F) -> F:
@@ -114,3 +177,38 @@ class ItemReport:
             total = len(self.failed) + len(summaries) + len(self.skipped)
             message = f'{len(self.failed)} of {total} {self.noun}(s) failed (see above)'
             raise InputError(str(source), message)
+
+
+def scene_inputs[F: Callable[..., Any]](*params: str) -> Callable[[F], F]:
+    """``--stack``, and the one resolution of the raster arguments ``params`` of a command.
+
+    Before the command runs, each given value goes through
+    :func:`geocmid.raster.sources.resolve_scenes`: a STAC Item, ItemCollection or
+    STAC-GeoParquet file becomes one scene per Item, a URL (``https://``, ``s3://``...) its
+    GDAL path, and with ``--stack`` a folder becomes one scene whose files are its bands. A
+    value standing for one scene stays one path; several scenes become a list.
+    """
+
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(*args: Any, stack: bool = False, **kwargs: Any) -> Any:
+            from geocmid.raster.sources import resolve_all
+
+            for name in params:
+                value = kwargs.get(name)
+                if value is None or value == ():
+                    continue
+                if isinstance(value, tuple | list):
+                    kwargs[name] = tuple(resolve_all(value, stack=stack))
+                else:
+                    scenes = resolve_all([value], stack=stack)
+                    kwargs[name] = scenes[0] if len(scenes) == 1 else scenes
+            return command(*args, **kwargs)
+
+        return click.option(
+            '--stack', is_flag=True,
+            help='Each folder given is ONE scene whose raster files are its bands (named by '
+            'their descriptions or file names), stacked on the finest band grid.',
+        )(wrapper)  # fmt: skip
+
+    return decorate

@@ -9,20 +9,22 @@ import click
 
 from geocmid.errors import InputError
 
-from .options import ItemReport, parse_bands, split_list
+from .options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    ItemReport,
+    check_output,
+    parse_bands,
+    scene_inputs,
+    split_list,
+    tta_option,
+)
 
 if TYPE_CHECKING:
     from geocmid.inference.products.segment import SegmentResult
 
 #: What click gives ``--raster`` / ``--probabilities`` when they come without a path.
 _BESIDE = '<beside the output>'
-
-
-def _devices(value: str) -> int | list[str]:
-    """``--devices``: a number of GPUs, or a comma-separated device list."""
-    if value.strip().isdigit():
-        return int(value)
-    return split_list(value) or []
 
 
 def _resolution(value: str) -> float | str:
@@ -48,6 +50,7 @@ def _summary(name: str, result: SegmentResult) -> str:
 
 
 @click.command()
+@scene_inputs('scenes')
 @click.argument(
     'scenes', nargs=-1, required=True, metavar='SCENE...', type=click.Path(path_type=Path)
 )
@@ -58,7 +61,8 @@ def _summary(name: str, result: SegmentResult) -> str:
 )  # fmt: skip
 @click.option(
     '--model', required=True, type=click.Path(path_type=Path),
-    help='Run folder of `geocmid train segment` (model.ckpt and model_card.json).',
+    help='Run folder of `geocmid train segment` (model.ckpt and model_card.json), or its '
+    '.onnx export (`geocmid export`), run by ONNX Runtime.',
 )  # fmt: skip
 @click.option(
     '--raster', is_flag=False, flag_value=_BESIDE, default=None,
@@ -70,14 +74,15 @@ def _summary(name: str, result: SegmentResult) -> str:
     help='Also write the class probabilities as a COG here; without a path (and with a '
     'folder output) as <name>_probabilities.tif.',
 )  # fmt: skip
-@click.option('--tile', type=int, help="Window size in pixels (default the model card's).")
-@click.option('--overlap', type=int, help='Window overlap in pixels (default tile / 4).')
+@click.option('--tile', type=POSITIVE, help="Window size in pixels (default the model card's).")
+@click.option('--overlap', type=NON_NEGATIVE, help='Window overlap in pixels (default tile / 4).')
 @click.option(
     '--blend', type=click.Choice(['cosine', 'linear', 'gaussian', 'none']), default='cosine',
     show_default=True, help="How overlapping windows are combined ('none': crop-centre).",
 )  # fmt: skip
+@tta_option
 @click.option(
-    '--batch-size', type=int, default=4, show_default=True, help='Windows per forward pass.'
+    '--batch-size', type=POSITIVE, default=4, show_default=True, help='Windows per forward pass.'
 )
 @click.option(
     '--min-area', type=float, default=0.0, show_default=True, help='Smallest polygon kept (m²).'
@@ -94,6 +99,10 @@ def _summary(name: str, result: SegmentResult) -> str:
 @click.option(
     '--bands', help="Scene bands to feed the model, 1-based or names ('1,2,3'); default the "
     "card's.",
+)  # fmt: skip
+@click.option(
+    '--classes', help="Only for a .onnx file without model card: its class names, class 0 first "
+    "('background,building'), with --bands.",
 )  # fmt: skip
 @click.option('--nodata', type=float, help="Override or supply the scenes' nodata value.")
 @click.option(
@@ -124,6 +133,7 @@ def segment(
     probabilities: str | None,
     resolution: str,
     bands: str | None,
+    classes: str | None,
     devices: str,
     skip_existing: bool,
     fail_fast: bool,
@@ -138,12 +148,24 @@ def segment(
     polygonised. With many scenes, a bad scene is reported and the others still run (unless
     --fail-fast); the exit status is then 2.
     """
+    check_output(output, folder=output.suffix.lower() != '.gpkg')
+    for extra in (raster, probabilities):
+        check_output(None if extra in (None, _BESIDE) else Path(extra))
     from geocmid.api import segment as segment_scene
     from geocmid.api import segment_scenes
-    from geocmid.inference.products.segment import find_scenes
+    from geocmid.inference.devices import parse_devices
+    from geocmid.inference.onnx_model import is_onnx, load_model
+    from geocmid.inference.products.segment import SegmentationModel, find_scenes
 
+    if is_onnx(model):  # its card, or one from --bands and --classes when it has none
+        onnx = load_model(
+            model, 'segmentation', bands=parse_bands(bands), classes=split_list(classes)
+        )
+        model = SegmentationModel(onnx.network, onnx.card, onnx.weights)  # type: ignore[assignment]
+    elif classes is not None:
+        raise click.UsageError('--classes names the classes of a .onnx file without model card')
     settings = dict(resolution=_resolution(resolution), bands=parse_bands(bands), **options)
-    workers = _devices(devices)
+    workers = parse_devices(devices)
     if output.suffix.lower() == '.gpkg':
         if skip_existing:
             raise click.UsageError('--skip-existing resumes a run into an output folder')

@@ -7,11 +7,17 @@ from pathlib import Path
 import click
 
 from .options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    check_output,
     echo_fine_tuning,
+    freeze_encoder_option,
     hardware_options,
     parse_bands,
     run_folder_options,
+    scene_inputs,
     split_list,
+    training_options,
 )
 
 
@@ -21,6 +27,7 @@ def train() -> None:
 
 
 @train.command()
+@scene_inputs('rasters')
 @click.option('--rasters', type=click.Path(path_type=Path), help='A raster or a folder of them.')
 @click.option(
     '--labels',
@@ -43,18 +50,16 @@ def train() -> None:
 )
 @click.option('--label-field', help='Attribute holding the class of vector labels.')
 @click.option('--bands', help="Bands to use: 1-based indices or names ('1,2,3'); default all.")
+@freeze_encoder_option('decoder')
+@click.option('--epochs', type=POSITIVE, help='Training epochs (default 20 unless --max-steps).')
 @click.option(
-    '--freeze-encoder',
-    is_flag=True,
-    default=None,
-    help='Keep the encoder fixed; train the decoder only.',
+    '--max-steps', type=POSITIVE, help='Optimiser steps; stops at the first limit that is reached.'
 )
-@click.option('--epochs', type=int, help='Training epochs (default 20 unless --max-steps).')
-@click.option('--max-steps', type=int, help='Optimiser steps; stops at the first limit reached.')
-@click.option('--batch-size', type=int, help='Patches per device per step (default 8).')
-@click.option('--patch-size', type=int, help='Training patch side in pixels (default 256).')
-@click.option('--workers', type=int, help='Data-loading processes per device (default 0).')
+@click.option('--batch-size', type=POSITIVE, help='Patches per device per step (default 8).')
+@click.option('--patch-size', type=POSITIVE, help='Training patch side in pixels (default 256).')
+@click.option('--workers', type=NON_NEGATIVE, help='Data-loading processes per device (default 0).')
 @hardware_options
+@training_options
 @click.option('--seed', type=int, help='Random seed (default 0).')
 @click.option(
     '--config',
@@ -79,6 +84,7 @@ def segment(
     colours, tile size, resolution, encoder provenance), config.yaml and logs/ (loss, mIoU and
     per-class IoU per epoch).
     """
+    check_output(options.get('output'), folder=True)  # type: ignore[arg-type]
     from geocmid.runs.config import resolve
     from geocmid.runs.segmentation import SegmentConfig, train_segmentation
 

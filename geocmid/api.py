@@ -18,7 +18,8 @@ from geocmid.inference.products.embed import embed
 from geocmid.inference.products.segment import SegmentationModel, SegmentResult, segment_scenes
 from geocmid.inference.products.segment import segment_scene as segment
 from geocmid.models.weights import load_encoder
-from geocmid.runs.pretrain import RunResult, load_pretrain_config, run_pretraining
+from geocmid.runs.pretrain import load_pretrain_config, run_pretraining
+from geocmid.runs.result import RunResult
 
 __all__ = (
     'AlignedPair',

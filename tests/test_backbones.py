@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 
+import geocmid
 from geocmid.errors import InputError
 from geocmid.models.backbones import MaskedEncoder, check_patch_size, create_encoder
 from geocmid.models.masking import block_mask
@@ -20,6 +25,7 @@ TINY_SWIN: dict[str, Any] = {
     'window_size': 2,
 }
 SWIN = 'swin_tiny_patch4_window7_224'
+TINY_CONFIG = Path(__file__).resolve().parents[1] / 'configs' / 'cmid_tiny_test.yaml'
 CASES = [('resnet18', {}, 512, (1, 64, 1, 1)), (SWIN, TINY_SWIN, 128, (1, 1, 16))]
 
 
@@ -170,3 +176,25 @@ def test_check_patch_size_accepts(backbone: str, patch_size: int, kwargs: dict) 
 def test_unsupported_backbones_raise_input_error(backbone: str, message: str) -> None:
     with pytest.raises(InputError, match=f'^--backbone: .*{message}'):
         MaskedEncoder(backbone, 3, 64)
+
+
+def test_pretraining_checks_patch_size_with_the_task_backbone_kwargs(
+    tmp_path: Path, make_geotiff: Callable[..., Path]
+) -> None:
+    """64 px suits the Swin of ``task.backbone_kwargs`` (window 2), not its default window 7."""
+    rng = np.random.default_rng(0)
+    make_geotiff('data/a.tif', rng.integers(1, 255, (3, 96, 96), dtype=np.uint8))
+    task = yaml.safe_load(TINY_CONFIG.read_text())['task']
+    task['backbone_kwargs'] = {key: list(value) if isinstance(value, tuple) else value
+                               for key, value in TINY_SWIN.items()}  # fmt: skip
+    run = geocmid.pretrain(
+        tmp_path / 'run', config=TINY_CONFIG, rasters=tmp_path / 'data', backbone=SWIN,
+        patch_size=64, max_steps=1, task=task, progress=False,
+    )  # fmt: skip
+    assert run.global_step == 1
+    with pytest.raises(InputError, match='^--patch-size: .*multiple of 64 px'):
+        geocmid.pretrain(
+            tmp_path / 'run2', config=TINY_CONFIG, rasters=tmp_path / 'data', backbone=SWIN,
+            patch_size=96, max_steps=1, task=task, progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / 'run2' / 'checkpoints').exists()  # refused before training

@@ -11,16 +11,15 @@ import rasterio
 import shapely
 import timm
 import torch
-from geocmid_cli.main import main
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 import geocmid.api
 from geocmid.datasets.pairs import align_pair
 from geocmid.errors import InputError
+from geocmid.inference.change_scores import LabelFreeScore, fit_scores
 from geocmid.inference.products.change import (
     ChangeModel,
-    FeatureDistance,
     PairSource,
     StackedPair,
     detect_change,
@@ -29,6 +28,7 @@ from geocmid.inference.products.change import (
 from geocmid.io.cards import ModelCard, write_card
 from geocmid.io.cog import validate_cog
 from geocmid.models.weights import save_encoder
+from geocmid_cli.main import main
 
 NAIP = Path(__file__).resolve().parents[1] / 'sample_data' / 'naip'
 
@@ -96,20 +96,25 @@ def test_otsu_matches_a_brute_force_search() -> None:
     assert otsu_threshold(single, np.linspace(0, 1, 9)) == pytest.approx(0.5)
 
 
-def test_feature_distance_is_zero_for_identical_dates_and_grows_with_change() -> None:
+def test_stage_distances_are_zero_for_identical_dates_and_grow_with_change() -> None:
     torch.manual_seed(0)
-    model = FeatureDistance(timm.create_model('resnet18', in_chans=2, num_classes=0)).eval()
+    encoder = timm.create_model('resnet18', in_chans=2, num_classes=0).eval()
     image = torch.randn(1, 2, 64, 64)
     changed = image.clone()
     changed[..., 16:48, 16:48] += 3.0
+    valid = np.ones((64, 64), bool)
+
+    def scorer(after: torch.Tensor) -> LabelFreeScore:
+        pixels = np.concatenate([image[0].numpy(), after[0].numpy()])
+        return LabelFreeScore(fit_scores('features', [(pixels, valid)], encoder), encoder)
+
     with torch.no_grad():
-        same = model.score(torch.cat([image, image], dim=1))
-        score = model.score(torch.cat([image, changed], dim=1))
-        logits = model(torch.cat([image, changed], dim=1))
-    assert same.shape == (1, 1, 64, 64) and same.abs().max() < 1e-5
-    assert score.min() >= 0 and score.max() <= 1
-    assert score[..., 24:40, 24:40].mean() > score[..., :8, :8].mean()
-    torch.testing.assert_close(logits.sigmoid(), score, atol=1e-5, rtol=1e-4)
+        same = scorer(image).stage_distances(image, image)
+        stages = scorer(changed).stage_distances(image, changed)
+    assert len(stages) == 3 and all(s.shape == (1, 1, 64, 64) for s in stages)
+    assert max(float(s.abs().max()) for s in same) < 1e-5
+    for stage in stages:
+        assert stage[..., 24:40, 24:40].mean() > stage[..., :4, :4].mean()
 
 
 def test_stacked_pair_splits_the_channels_into_dates() -> None:
@@ -149,23 +154,29 @@ def test_label_free_change_on_a_real_naip_pair(tmp_path: Path, encoder4: Path) -
         NAIP / 'naip_2012.tif', NAIP / 'naip_2016.tif', model, vector=tmp_path / 'change.gpkg',
         raster=tmp_path / 'change.tif', probabilities=tmp_path / 'score.tif', progress=False,
     )  # fmt: skip
-    assert 0 < result.threshold < 1
+    assert result.method == 'fusion' and result.threshold_rule == 'ki'
     with rasterio.open(NAIP / 'naip_2012.tif') as src:
         grid = (src.crs, src.transform, src.width, src.height)
     for path in (result.raster, result.probabilities):
         assert validate_cog(path) == []
         with rasterio.open(path) as out:
             assert (out.crs, out.transform, out.width, out.height) == grid
-            assert out.nodata == 255 and out.tags()['MODEL_KIND'] == 'label-free feature distance'
+            assert out.tags()['MODEL_KIND'] == 'label-free fusion'
+            assert out.tags()['THRESHOLD_RULE'] == 'ki'
             assert float(out.tags()['THRESHOLD']) == pytest.approx(result.threshold, rel=1e-5)
+    with rasterio.open(result.probabilities) as out:
+        # The score COG carries the score the threshold was applied to, unquantised.
+        assert out.dtypes[0] == 'float32' and np.isnan(out.nodata)
+        scores = out.read(1)
     with rasterio.open(result.raster) as out:
         labels = out.read(1)
     assert set(np.unique(labels)) <= {0, 1, 255} and (labels == 1).any() and (labels == 0).any()
+    np.testing.assert_array_equal(labels == 1, scores >= result.threshold)
     layer = gpd.read_file(result.vector, layer='changes')
     assert layer.crs == rasterio.open(NAIP / 'naip_2012.tif').crs
     assert len(layer) == len(result.polygons) > 0
     assert layer.geometry.is_valid.all() and (layer.class_name == 'change').all()
-    assert (layer.mean_score >= result.threshold - 1 / 254).all()
+    assert (layer.mean_score >= result.threshold - 1e-6).all()
     assert result.changed_area_m2 == pytest.approx(25.0 * (labels == 1).sum())
 
 
@@ -243,7 +254,7 @@ def test_change_errors_create_no_output(
     with pytest.raises(InputError, match=r'exists\.gpkg: exists; use --overwrite'):
         detect_change(before, after, model, vector=tmp_path / 'exists.gpkg', raster=tmp_path / 'r')
     with pytest.raises(InputError, match='--threshold'):
-        detect_change(before, after, model, threshold=1.5)
+        detect_change(before, after, model, threshold='median')  # type: ignore[arg-type]
     with rasterio.open(before) as src:
         grid = src.transform
     empty = make_geotiff('empty.tif', np.zeros((3, 64, 80), np.uint8), transform=grid, nodata=0)
@@ -329,7 +340,7 @@ def test_cli_single_pair(scene_pair, encoder3: Path, tmp_path: Path, capsys) -> 
     )  # fmt: skip
     assert code == 0, stdout
     assert out.exists() and (tmp_path / 'out_change.tif').exists() and (tmp_path / 'p.tif').exists()
-    assert stdout.startswith('out: ') and 'threshold 0.050' in stdout
+    assert stdout.startswith('out: ') and 'label-free fusion, threshold 0.05 ->' in stdout
     code, _, err = run_cli(['change', before, after, '-o', out, '--encoder', encoder3], capsys)
     assert code == 2 and err.strip().endswith('out.gpkg: exists; use --overwrite')
 
@@ -406,7 +417,7 @@ def test_cli_train_then_detect_with_the_trained_model(make_geotiff, tmp_path: Pa
          tmp_path / 'run', '--raster', '--quiet'], capsys,
     )  # fmt: skip
     assert code == 0, err
-    assert 'threshold 0.500' in stdout
+    assert 'threshold 0.5' in stdout
     names = sorted(p.name for p in (tmp_path / 'out').iterdir())
     assert names == [
         'first.gpkg', 'first_change.tif', 'first_change.tif.aux.xml',  # class names for GIS

@@ -18,7 +18,8 @@ from geocmid.datamodules.change import ChangeDataModule
 from geocmid.errors import InputError
 from geocmid.io.cards import ModelCard, write_card
 from geocmid.models.weights import save_encoder
-from geocmid.runs.change import ChangeConfig, load_change_model, train_change
+from geocmid.runs.artefacts import load_change_model
+from geocmid.runs.change import ChangeConfig, train_change
 from geocmid.tasks.finetune.change import IGNORE_INDEX, Change, MaskedBCEWithLogitsLoss
 
 

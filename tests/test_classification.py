@@ -16,13 +16,11 @@ from geocmid.datamodules.classification import ChipClassificationDataModule, lab
 from geocmid.errors import InputError
 from geocmid.io.cards import ModelCard, read_card, write_card
 from geocmid.models.weights import save_encoder
-from geocmid.runs.classification import (
-    ClassifyConfig,
-    classify_folder,
-    load_classifier,
-    train_classification,
-)
-from geocmid.tasks.finetune.classification import SceneClassification, load_encoder_weights
+from geocmid.inference.products.classify import classify_folder
+from geocmid.models.networks import load_encoder_weights
+from geocmid.runs.artefacts import load_classifier
+from geocmid.runs.classification import ClassifyConfig, train_classification
+from geocmid.tasks.finetune.classification import SceneClassification
 
 
 def make_chips(root: Path, per_class: int = 8, seed: int = 0) -> Path:

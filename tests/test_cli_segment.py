@@ -141,7 +141,7 @@ def test_bad_input_exits_2_without_output(
         case 'unwritable':
             (tmp_path / 'file').write_text('a file, not a folder')
             output = tmp_path / 'file' / 'scene.gpkg'
-            culprit, problem = output, 'output folder'
+            culprit, problem = output, 'is a file, not a folder'
         case 'exists':
             output.write_text('keep me')
             culprit, problem = output, 'exists; use --overwrite'

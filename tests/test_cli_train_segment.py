@@ -18,12 +18,10 @@ from geocmid.errors import InputError
 from geocmid.io.cards import ModelCard, read_card, write_card
 from geocmid.io.cog import default_classes
 from geocmid.models.weights import save_encoder
-from geocmid.runs.segmentation import (
-    RUN_OUTPUTS,
-    load_segmentation_model,
-    parse_classes,
-    prepare_run_dir,
-)
+from geocmid.runs.artefacts import load_segmentation_model
+from geocmid.runs.finetune import RUN_OUTPUTS
+from geocmid.runs.folders import prepare_run_dir
+from geocmid.runs.segmentation import parse_classes
 
 X0, Y0 = 500000.0, 4000000.0  # upper-left corner of conftest's rasters (1 m pixels)
 
@@ -268,7 +266,7 @@ def test_overwrite_removes_only_run_outputs(tmp_path: Path) -> None:
     for name in ('model.ckpt', 'model_card.json', 'config.yaml', 'notes.txt'):
         (run_dir / name).write_text('old')
 
-    prepare_run_dir(run_dir, overwrite=True)
+    prepare_run_dir(run_dir, RUN_OUTPUTS, overwrite=True)
 
     assert [p.name for p in run_dir.iterdir()] == ['notes.txt']
 

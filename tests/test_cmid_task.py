@@ -109,7 +109,7 @@ def test_teacher_is_exact_frozen_copy_at_init(rasters: Path) -> None:
         for name, value in teacher.named_parameters():
             assert torch.equal(value, student_params[name]), name
             assert not value.requires_grad, name
-    # The local head has BatchNorm for ResNet (spec 7.3).
+    # The local head has BatchNorm for ResNet (docs/cmid.md#local-branch).
     assert any(isinstance(m, nn.BatchNorm1d) for m in task.local_head.modules())
 
 
@@ -132,7 +132,7 @@ def test_training_step_logs_finite_losses_and_ema_moves_teacher(rasters: Path) -
     assert float(metrics['train_loss']) == pytest.approx(float(total), rel=1e-5)
     assert float(metrics['momentum']) == pytest.approx(0.996)
     assert float(metrics['teacher_temp']) == pytest.approx(0.04)
-    assert centre_updates == [1]  # once per step (D4)
+    assert centre_updates == [1]  # once per step (docs/cmid.md#deviations)
 
     # After one step with momentum 0.996 (cosine schedule at step 0), every teacher parameter
     # is 0.996 x (its value at init = the student's) + 0.004 x the updated student value.
@@ -230,7 +230,7 @@ def test_teacher_temperature_follows_epochs(rasters: Path) -> None:
 
     run.callbacks.append(Record())
     run.fit(task, datamodule=data)
-    # linspace(0.04, 0.07, 3) indexed by the 0-based epoch (D5).
+    # linspace(0.04, 0.07, 3) indexed by the 0-based epoch.
     assert temperatures == pytest.approx([0.04, 0.055, 0.07])
 
 
@@ -341,6 +341,6 @@ def test_two_process_ddp_run(rasters: Path, tmp_path: Path) -> None:
         'RESULT 1 2',
     ]
     checkpoint = torch.load(run_dir / 'checkpoints' / 'last.ckpt', weights_only=False)
-    # 2 steps x 2 ranks x 2 crops x 4 keys, gathered once (D3), wrap around the 16-key queue.
+    # 2 steps x 2 ranks x 2 crops x 4 keys, gathered once, wrap around the 16-key queue.
     assert int(checkpoint['state_dict']['queue.ptr']) == (2 * 2 * 2 * 4) % 16
     assert (run_dir / 'encoder.pt').is_file() and (run_dir / 'model_card.json').is_file()

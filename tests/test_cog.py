@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from rasterio.enums import Resampling
 from rasterio.transform import from_origin
+from rio_cogeo.cogeo import cog_validate
 from torch import Tensor
 
 from geocmid.errors import InputError
 from geocmid.inference.engine import predict_scene
-from geocmid.inference.reader import SceneReader
+from geocmid.raster.scene import SceneReader
 from geocmid.io.atomic import atomic_output, partial_path
 from geocmid.io.cards import ClassInfo
 from geocmid.io.cog import PredictionWriter, default_classes, label_encoding, validate_cog
@@ -85,8 +87,33 @@ def test_validate_cog_reports_plain_geotiffs(
     tiled = make_geotiff('tiled.tif', np.ones((1, 600, 600), 'uint8'), tiled=True)
     errors = validate_cog(tiled)
     assert 'GDAL does not report LAYOUT=COG' in errors
-    assert 'larger than 512 px but without internal overviews' in errors
+    assert any('include internal overviews' in error for error in errors)
     assert validate_cog(scene)  # a striped input is no COG either
+
+
+def test_validate_cog_is_rio_cogeo_plus_the_cog_layout(
+    tmp_path: Path, make_geotiff: Callable[..., Path]
+) -> None:
+    """rio-cogeo judges the structure; a small plain GeoTIFF passes it but is no COG output."""
+    data = np.arange(600 * 700, dtype=np.uint32).reshape(1, 600, 700) % 251
+    cog = tmp_path / 'cog.tif'
+    with rasterio.open(
+        cog, 'w', driver='COG', width=700, height=600, count=1, dtype='uint8',
+        crs='EPSG:32633', transform=TRANSFORM, blocksize=256,
+    ) as dst:  # fmt: skip
+        dst.write(data.astype('uint8'))
+    assert cog_validate(cog, strict=True, quiet=True)[0] and validate_cog(cog) == []
+    small = make_geotiff(
+        'small.tif', data[:, :256, :256].astype('uint8'), tiled=True, blocksize=128
+    )
+    assert cog_validate(small, strict=True, quiet=True)[0]
+    assert validate_cog(small) == ['GDAL does not report LAYOUT=COG']
+    late = make_geotiff('late.tif', data[:, :, :600].astype('uint8'), tiled=True)
+    with rasterio.open(late, 'r+') as dst:
+        dst.build_overviews([2, 4], Resampling.average)  # overviews written after the data
+    problems = validate_cog(late)
+    assert not cog_validate(late, strict=True, quiet=True)[0]
+    assert any('overview' in problem for problem in problems)
 
 
 def test_label_palette_names_and_nodata(scene: Path, tmp_path: Path) -> None:

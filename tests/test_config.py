@@ -128,7 +128,8 @@ def test_shipped_configs_resolve(name: str) -> None:
     assert config.method == 'cmid'
     assert str(config.rasters) == 'somewhere'
     if name != 'cmid_tiny_test.yaml':
-        # The paper's settings (cmid.md 10): 4 x 64 at 224 px, Adan lr 0.001 x 4, wd 0.02.
+        # The paper's settings (docs/cmid.md#optimisation): 4 x 64 at 224 px, Adan lr 0.001 x 4,
+        # wd 0.02.
         assert (config.devices, config.batch_size, config.patch_size) == (4, 64, 224)
         assert config.task['lr'] == pytest.approx(0.004)
         assert config.task['weight_decay'] == pytest.approx(0.02)

@@ -41,7 +41,7 @@ def window_query(t: rasterio.Affine, row: int, col: int, size: int) -> tuple[sli
 
 
 def test_sample_values_and_float64_georeferencing(tmp_path: Path) -> None:
-    # Sub-metre pixels at UTM northings: float32 would be off by a pixel (spec 2.2).
+    # Sub-metre pixels at UTM northings: float32 would be off by a pixel (docs/data.md#samples).
     t = from_origin(500003.37, 3997641.11, 0.3, 0.3)
     data = ramp()
     write_geotiff(tmp_path / 'a.tif', data, transform=t)
@@ -385,7 +385,8 @@ def test_gridded_patch_sampler_tiles_the_raster_exactly(tmp_path: Path) -> None:
     covered = np.zeros(data.shape[1:], dtype=int)
     for query in GriddedPatchSampler(dataset, size=16, stride=16):
         sample = dataset[query]
-        # Place each patch by its float64 transform; windows hang over the edges (spec 4.3).
+        # Place each patch by its float64 transform; windows hang over the edges
+        # (docs/inference.md#tiling).
         col0 = round((sample['transform'][2].item() - t.c) / t.a)
         row0 = round((sample['transform'][5].item() - t.f) / t.e)
         valid = sample['valid'].numpy()

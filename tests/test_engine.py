@@ -14,7 +14,7 @@ from torch import Tensor
 
 from geocmid.errors import InputError
 from geocmid.inference.engine import predict_scene
-from geocmid.inference.reader import SceneReader
+from geocmid.raster.scene import SceneReader
 from geocmid.inference.tiling import BLENDS
 from geocmid.io.cog import PredictionWriter, default_classes, validate_cog
 

@@ -1,4 +1,4 @@
-"""Tests for geocmid.evaluation.evaluate (k-NN, linear probe) and `geocmid evaluate` on tiny chip folders."""
+"""Tests for geocmid.evaluation (k-NN, linear probe) and `geocmid evaluate` on tiny chip folders."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from geocmid.evaluation.evaluate import (
     evaluate,
     evaluate_knn,
     evaluate_linear,
-    fit_linear_probe,
-    knn_predict,
     per_class_accuracy,
 )
+from geocmid.evaluation.knn import knn_predict
+from geocmid.evaluation.linear import fit_linear_probe
 from geocmid.io.cards import ModelCard, write_card
 from geocmid.models.weights import save_encoder
 
@@ -275,10 +275,14 @@ def test_mixed_band_counts_are_an_input_error(tmp_path: Path) -> None:
         evaluate_knn('random:resnet18', images, bands=[1, 2, 3])
 
 
-def test_encoder_without_card_or_bands_is_an_input_error(tmp_path: Path) -> None:
+def test_random_encoder_without_bands_takes_all_bands_of_the_chips(tmp_path: Path) -> None:
+    images = make_chips(tmp_path / 'chips', per_class=4)
+    result = evaluate_knn('random:resnet18', images, size=SIZE, split=0.5)
+    assert result.settings['bands'] == [1, 2, 3] and result.num_test == 4
+
+
+def test_encoder_without_card_is_an_input_error(tmp_path: Path) -> None:
     images = make_chips(tmp_path / 'chips', per_class=3)
-    with pytest.raises(InputError, match='random:resnet18: .*no model card.*--bands'):
-        evaluate_knn('random:resnet18', images)
     encoder = save_resnet18(tmp_path / 'run')
     (tmp_path / 'run' / 'model_card.json').unlink()
     with pytest.raises(InputError, match='no model_card.json'):
@@ -329,9 +333,7 @@ def test_cli_knn_prints_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     images = make_chips(tmp_path / 'chips', per_class=3)
-    args = ['evaluate', 'linear', '--encoder', 'random:resnet18', '--images', str(images)]
-    assert run_cli(args) == 2
-    assert '--bands' in capsys.readouterr().err
+    # (A random encoder without --bands takes all bands of the chips: tests/test_cli_defaults.py)
     assert (
         run_cli(
             [

@@ -143,7 +143,7 @@ def test_ema_updates_key_encoder_and_key_projector() -> None:
     with torch.no_grad():
         for parameter in [*task.student.parameters(), *task.projector.parameters()]:
             parameter.add_(torch.randn_like(parameter))
-    task.on_train_batch_end(None, None, 0)
+    task.update_teacher(0)
 
     students = dict(task.student.named_parameters())
     projector = dict(task.projector.named_parameters())
@@ -152,7 +152,7 @@ def test_ema_updates_key_encoder_and_key_projector() -> None:
         student = (students if part == 'encoder' else projector)[rest].detach()
         expected = 0.9 * before[name] + 0.1 * student
         torch.testing.assert_close(parameter, expected, rtol=0, atol=1e-6)
-    # The key projector moved (the official code froze it, gersp.md G1).
+    # The key projector moved (the official code froze it, docs/gersp.md#deviations).
     key_projector = task.teacher['projector'].mlp[0].weight
     assert not torch.equal(key_projector, before['projector.mlp.0.weight'])
     for name, buffer in task.teacher.named_buffers():

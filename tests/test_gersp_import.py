@@ -1,4 +1,4 @@
-"""`import-weights --format gersp-resnet50` on a raw mmcv GeRSP checkpoint (gersp.md 6.1)."""
+"""`import-weights --format gersp-resnet50` on a raw mmcv GeRSP checkpoint (docs/gersp.md)."""
 
 from __future__ import annotations
 

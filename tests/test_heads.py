@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from lightly.models.modules.heads import DINOProjectionHead
 from torch import nn
 
 from geocmid.models.heads import LocalHead, MIMDecoder, Projector
+from geocmid.models.momentum import copy_as_teacher
 
 
 def test_projector_pools_and_normalises() -> None:
@@ -102,3 +104,16 @@ def test_mim_decoder_pixel_shuffle_layout() -> None:
         channel = c * 1024 + a * 32 + b
         expected = weight[channel] @ features[1, :, i, j].numpy() + bias[channel]
         assert out[1, c, 32 * i + a, 32 * j + b].item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.filterwarnings('ignore:.*weight_norm.*is deprecated:FutureWarning')
+def test_lightly_dino_head_cannot_be_copied_as_teacher() -> None:
+    # Why LocalHead is hand-written: lightly's DINO head (old-style weight_norm) has the same
+    # layout, but the teacher copy fails on it; ours copies.
+    lightly_head = DINOProjectionHead(16, 12, 6, 8, batch_norm=False)
+    with pytest.raises(RuntimeError, match='deepcopy'):
+        copy_as_teacher(lightly_head)
+    head = LocalHead(16, out_features=8, hidden_features=12, bottleneck_features=6, use_bn=False)
+    teacher = copy_as_teacher(head)
+    tokens = torch.randn(5, 16)
+    torch.testing.assert_close(teacher(tokens), head(tokens))

@@ -86,7 +86,7 @@ def save_with_fake_modules(
 def full_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, student: dict[str, Tensor]
 ) -> Path:
-    """A CMID full pre-training checkpoint as the official trainer writes it (cmid.md 11.2)."""
+    """A CMID full pre-training checkpoint as the official trainer writes it (docs/cmid.md)."""
     storage_cls, buffer_cls = fake_official_classes()
     storage = storage_cls()
     storage.update(loss=np.float64(1.5), lr=0.001)
@@ -174,7 +174,7 @@ def test_import_full_checkpoint_writes_encoder_and_card(
     assert loaded.bands == ['red', 'green', 'blue']
     assert loaded.band_indices == [1, 2, 3]
     assert loaded.patch_size == 224
-    # The official RS statistics (cmid.md 9), in 8-bit units.
+    # The official RS statistics (docs/cmid.md#views-and-augmentations), in 8-bit units.
     np.testing.assert_allclose(loaded.mean, np.array([0.33797, 0.3605, 0.3348]) * 255, rtol=1e-6)
     np.testing.assert_allclose(loaded.std, np.array([0.1359, 0.1352, 0.1407]) * 255, rtol=1e-6)
     digest = hashlib.sha256(full_checkpoint.read_bytes()).hexdigest()

@@ -51,7 +51,7 @@ def test_block_mask_is_uniform_over_cells() -> None:
 
 @pytest.mark.parametrize('ratio', [0.0, 1.0, -0.1, 1.5])
 def test_block_mask_rejects_bad_ratio(ratio: float) -> None:
-    with pytest.raises(InputError, match='--mask-ratio'):
+    with pytest.raises(InputError, match='task.mask_ratio'):
         block_mask(2, 64, ratio=ratio)
 
 

@@ -84,7 +84,8 @@ def test_flipped_crop_matches_mirrored_columns() -> None:
 
 
 def test_crop_offsets_matter_unlike_the_official_code() -> None:
-    # Same size, cut at different places (defect D2): token 0 of a must not match token 0 of b.
+    # Same size, cut at different places (docs/cmid.md#deviations): token 0 of a must not
+    # match token 0 of b.
     idx_a, idx_b = match_tokens(
         centres([0.0, 0.0, 64.0, 64.0], grid_size=2),
         centres([32.0, 32.0, 96.0, 96.0], grid_size=2),

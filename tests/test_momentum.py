@@ -9,6 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightly.models.modules.memory_bank import MemoryBankModule
+from lightly.models.utils import update_momentum
+from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from geocmid.errors import InputError
@@ -18,7 +21,6 @@ from geocmid.models.momentum import (
     copy_as_teacher,
     cosine_momentum,
     effective_queue_size,
-    ema_update,
 )
 
 
@@ -28,6 +30,17 @@ def test_cosine_momentum_schedule() -> None:
     assert cosine_momentum(1000, 1000) == pytest.approx(1.0)
     assert cosine_momentum(250, 1000) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
     assert cosine_momentum(123, 1000, base=0.999, final=0.999) == pytest.approx(0.999)
+
+
+def test_lightly_cosine_schedule_is_not_the_cmid_momentum() -> None:
+    # Why cosine_momentum is hand-written: lightly runs the cosine over K - 1 steps.
+    total = 10
+    ours = [cosine_momentum(k, total) for k in range(total)]
+    lightly = [cosine_schedule(k, total, 0.996, 1.0) for k in range(total)]
+    spec = [1 - 0.004 * (math.cos(math.pi * k / total) + 1) / 2 for k in range(total)]
+    assert ours == pytest.approx(spec, abs=1e-12)
+    assert lightly[0] == pytest.approx(spec[0])
+    assert lightly[5] != pytest.approx(spec[5], abs=1e-6)
 
 
 def _net() -> nn.Module:
@@ -45,23 +58,19 @@ def test_copy_as_teacher_is_exact_frozen_and_independent() -> None:
     assert all(p.requires_grad for p in student.parameters())
 
 
-def test_ema_update_parameters_only() -> None:
+def test_lightly_update_momentum_is_the_ema_on_parameters_only() -> None:
+    # The tasks average with lightly's update_momentum: t <- tau t + (1 - tau) s, buffers kept.
     torch.manual_seed(0)
     student, teacher = _net(), _net()
     teacher.requires_grad_(False)
     student[1].running_mean.fill_(5.0)
     before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
-    ema_update(teacher, student, 0.9)
+    update_momentum(student, teacher, 0.9)
     for name, param in teacher.named_parameters():
         expected = 0.9 * before_teacher[name] + 0.1 * dict(student.named_parameters())[name]
-        assert torch.allclose(param, expected, atol=1e-7), name
+        torch.testing.assert_close(param, expected, rtol=0, atol=1e-7)
     for name, buffer in teacher.named_buffers():
         assert torch.equal(buffer, before_teacher[name]), name
-
-
-def test_ema_update_rejects_different_modules() -> None:
-    with pytest.raises(ValueError, match='different parameters'):
-        ema_update(nn.Linear(3, 4), _net(), 0.99)
 
 
 def test_key_queue_initial_keys_are_unit_length() -> None:
@@ -85,6 +94,19 @@ def test_key_queue_wraps_around() -> None:
     assert torch.equal(queue.keys[:, [3, 4, 0]], second.float().T)
     assert torch.equal(queue.keys[:, 1:3], first[1:].T)
     assert queue.ptr.item() == 1
+
+
+def test_lightly_memory_bank_drops_keys_where_key_queue_wraps() -> None:
+    # Why KeyQueue is hand-written: at the end of lightly's bank the overrunning keys are lost.
+    keys = torch.arange(10, dtype=torch.float32).view(5, 2)
+    queue = KeyQueue(dim=2, size=4)
+    bank = MemoryBankModule(size=(4, 2))
+    for batch in (keys[:3], keys[3:]):
+        queue.enqueue(batch)
+        bank(batch, update=True)
+    assert sorted(queue.keys[0].tolist()) == [2.0, 4.0, 6.0, 8.0]  # the 4 newest keys
+    assert 8.0 not in bank.bank[:, 0].tolist()  # the newest key was dropped
+    assert 'bank' not in bank.state_dict() and 'keys' in queue.state_dict()
 
 
 def test_key_queue_keeps_newest_when_overfilled() -> None:
@@ -114,7 +136,7 @@ def test_distributed_keys_gathered_once_and_center_exact_mean(tmp_path: Path) ->
     mp.spawn(_distributed_worker, args=(str(tmp_path / 'init'), results), nprocs=2)
     for rank in (0, 1):
         keys, ptr, center = results[rank]
-        assert ptr == 6  # 3 keys from each of the 2 ranks, each once (spec D3)
+        assert ptr == 6  # 3 keys from each of the 2 ranks, each once (docs/cmid.md#deviations)
         assert keys[0, :6].tolist() == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
         assert torch.allclose(center, torch.full((1, 2), 0.5))
     assert torch.equal(results[0][0], results[1][0])
@@ -124,7 +146,7 @@ def test_effective_queue_size() -> None:
     assert effective_queue_size(65536, 400) == (400, True)
     assert effective_queue_size(1000, 5000) == (1000, False)
     assert effective_queue_size(400, 400) == (400, False)
-    with pytest.raises(InputError, match='--queue-size'):
+    with pytest.raises(InputError, match='task.queue_size'):
         effective_queue_size(0, 400)
     with pytest.raises(ValueError, match='keys_per_epoch'):
         effective_queue_size(100, 0)

@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from lightly.utils.scheduler import cosine_warmup_schedule
 from timm.optim import Adan
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from geocmid.errors import InputError
@@ -94,6 +96,30 @@ def test_warmup_cosine_values() -> None:
     assert np.all(np.diff(lrs[warmup:]) < 0)
 
 
+def test_library_schedules_differ_during_warmup() -> None:
+    # Why warmup_cosine is hand-written: timm's and lightly's warm-ups end on the peak, not on
+    # the cosine; after warm-up timm's cosine (over all steps) is the same curve.
+    total, warmup, peak = 100, 10, 1e-3
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=peak)
+    timm_schedule = CosineLRScheduler(
+        optimizer,
+        t_initial=total,
+        lr_min=1e-6,
+        warmup_t=warmup,
+        warmup_lr_init=0.01 * peak,
+        warmup_prefix=False,
+        t_in_epochs=False,
+    )
+    for k in (0, 10, 50, 100):
+        assert timm_schedule._get_lr(k)[0] == pytest.approx(warmup_cosine(k, total, warmup, peak))
+    assert timm_schedule._get_lr(9)[0] != pytest.approx(warmup_cosine(9, total, warmup, peak))
+    lightly_lr = peak * cosine_warmup_schedule(9, total, 1.0, 1e-3, warmup, 0.01)
+    assert lightly_lr != pytest.approx(warmup_cosine(9, total, warmup, peak))
+    assert warmup_cosine(9, total, warmup, peak) == pytest.approx(
+        _reference_lr(9, total, warmup, peak, 1e-6)
+    )
+
+
 def test_scheduler_follows_warmup_cosine_for_each_group() -> None:
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([{'params': [a], 'lr': 0.004}, {'params': [b], 'lr': 0.001}])
@@ -110,5 +136,5 @@ def test_scale_lr_rules() -> None:
     assert scale_lr(0.001, 512, 'linear') == pytest.approx(0.002)
     assert scale_lr(0.001, 1024, 'sqrt') == pytest.approx(0.002)
     assert scale_lr(0.001, 64, 'sqrt', reference=256) == pytest.approx(0.001 * math.sqrt(0.25))
-    with pytest.raises(InputError, match="--lr-scaling: .*'cubic'"):
+    with pytest.raises(InputError, match="task.lr_scaling: .*'cubic'"):
         scale_lr(0.001, 256, 'cubic')

@@ -19,7 +19,8 @@ from torchgeo.datasets import stack_samples
 from geocmid.datamodules.segmentation import SegmentationDataModule
 from geocmid.datasets.labels import IGNORE_INDEX
 from geocmid.errors import InputError
-from geocmid.tasks.finetune.segmentation import Segmentation, load_timm_state_dict
+from geocmid.models.networks import load_timm_state_dict
+from geocmid.tasks.finetune.segmentation import Segmentation
 
 SPACENET = SAMPLE_DATA / 'spacenet'
 

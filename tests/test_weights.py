@@ -31,7 +31,7 @@ TIMM_ORDER = [(0, 0), (1, 0), (0, 1), (1, 1)]
 def mmcls_swin_shapes(
     embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...], window: int = 7
 ) -> dict[str, tuple[int, ...]]:
-    """Key names and shapes of an mmcls Swin backbone, from the layout listed in cmid.md 11.5."""
+    """Key names and shapes of an mmcls Swin backbone, as the official mmcls layout names them."""
     shapes: dict[str, tuple[int, ...]] = {
         'patch_embed.projection.weight': (embed_dim, 3, 4, 4),
         'patch_embed.projection.bias': (embed_dim,),

@@ -1,1 +1,1 @@
-"""datamodules"""
+"""Lightning data modules: patches for pretraining and fine-tuning, sharded by rank."""

@@ -12,7 +12,7 @@ there: the neutral value the inference engine feeds (their labels are ignored an
 
 **Augmentation** flips and rotates both dates and the mask together. The two dates are stacked
 on the channel axis for Kornia, because TorchGeo's change-detection data modules nest
-``VideoSequential``, whose masks break under kornia 0.9 (``torchgeo-0.10.md`` 7.2).
+``VideoSequential``, whose masks break under kornia 0.9 (``docs/data.md#deviations``).
 """
 
 from __future__ import annotations
@@ -23,17 +23,20 @@ from collections.abc import Sequence
 import torch
 from einops import rearrange
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets.utils import Sample
 
+from geocmid.datamodules.sharding import PerRankAugmentation, sharded_loader
 from geocmid.datasets.change_patches import ChangePatches, label_regions, split_regions
 from geocmid.datasets.pairs import PairRecord, align_pair, pair_statistics, read_pairs
 from geocmid.errors import InputError
 from geocmid.raster.stats import BandStats
+from geocmid.samplers.shard import EpochIndexSampler, distributed
 from geocmid.transforms.augment import fine_tuning_augmentations
 
 
-class ChangeDataModule(NonGeoDataModule):
+class ChangeDataModule(PerRankAugmentation, NonGeoDataModule):
     """Labelled pairs (a CSV or a LEVIR-CD / SZTAKI folder) as change-detection batches.
 
     Batches hold ``image`` (B, 2, C, P, P), normalised, and ``mask`` (B, 1, P, P) with 1 for
@@ -133,12 +136,25 @@ class ChangeDataModule(NonGeoDataModule):
         if stage == 'fit':
             self.train_dataset = ChangePatches(
                 self.train_regions, self.patch_size, self.band_indexes, length=self.length,
-                nodata=self.nodata,
+                nodata=self.nodata, seed=self.seed,
             )  # fmt: skip
         if stage in ('fit', 'validate') and self.val_regions:
             self.val_dataset = ChangePatches(
                 self.val_regions, self.patch_size, self.band_indexes, nodata=self.nodata
             )
+
+    def _dataloader_factory(self, split: str) -> DataLoader[Sample]:
+        """This rank's share of ``split``.
+
+        Training: fresh random patches per rank and epoch, ``length / world size`` per rank.
+        Validation: every ``world_size``-th grid patch.
+        """
+        dataset = self._valid_attribute(f'{split}_dataset', 'dataset')
+        sampler = None
+        if split == 'train':
+            rank, world_size = distributed(self.trainer)
+            sampler = EpochIndexSampler(len(dataset), rank, world_size)
+        return sharded_loader(self, split, dataset, sampler)
 
     def _statistics(self) -> BandStats:
         """Per-band statistics of the training pairs' valid pixels, both dates."""

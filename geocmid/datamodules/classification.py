@@ -15,29 +15,15 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets.utils import Sample
 
-from geocmid.datasets.chips import ChipFolder, chip_statistics, stratified_split
+from geocmid.datamodules.sharding import PerRankAugmentation, sharded_loader
+from geocmid.datasets.chips import ChipFolder, chip_statistics, select_bands, stratified_split
 from geocmid.errors import InputError
 from geocmid.transforms.augment import fine_tuning_augmentations
 from geocmid.types import PathLike
-
-
-class SelectBands:
-    """Sample transform keeping the given 1-based bands of ``sample['image']``, in that order.
-
-    A class rather than a closure so that DataLoader workers can pickle it.
-    """
-
-    def __init__(self, bands: Sequence[int]) -> None:
-        """Keep ``bands`` (1-based band indices)."""
-        self.indices = torch.tensor([band - 1 for band in bands])
-
-    def __call__(self, sample: Sample) -> Sample:
-        """Return ``sample`` with only the selected bands in its image."""
-        return {**sample, 'image': sample['image'][self.indices]}
 
 
 @dataclass(frozen=True)
@@ -148,34 +134,6 @@ def labelled_chips(
     )
 
 
-def select_bands(folder: ChipFolder, bands: Sequence[int] | None) -> list[int]:
-    """Check ``bands`` against the folder's images and make the folder return only those.
-
-    Args:
-        folder: The chips.
-        bands: 1-based bands to keep, in channel order; None keeps all.
-
-    Returns:
-        The bands kept.
-
-    Raises:
-        InputError: An empty selection or a band the images lack.
-    """
-    if bands is None:
-        return list(range(1, folder.num_bands + 1))
-    if not bands:
-        raise InputError('--bands', 'empty band selection')
-    bad = [band for band in bands if not 1 <= band <= folder.num_bands]
-    if bad:
-        raise InputError(
-            folder.root,
-            f'band(s) {", ".join(map(str, bad))} requested but the images have '
-            f'{folder.num_bands} band(s), numbered from 1',
-        )
-    folder.transforms = SelectBands(bands)
-    return list(bands)
-
-
 def chip_normalisation(
     chips: LabelledChips,
     mean: Sequence[float] | None = None,
@@ -207,7 +165,7 @@ def chip_normalisation(
     )
 
 
-class ChipClassificationDataModule(NonGeoDataModule):
+class ChipClassificationDataModule(PerRankAugmentation, NonGeoDataModule):
     """Batches of :class:`LabelledChips` for TorchGeo's classification task.
 
     The sets are already split, so :meth:`setup` hands them over instead of building a
@@ -238,6 +196,10 @@ class ChipClassificationDataModule(NonGeoDataModule):
         self.mean = torch.tensor(list(mean), dtype=torch.float32)
         self.std = torch.tensor(list(std), dtype=torch.float32)
         self.aug, self.train_aug = fine_tuning_augmentations(self.mean, self.std, rotate=True)
+
+    def _dataloader_factory(self, split: str) -> DataLoader[Sample]:
+        """This rank's share of ``split``: shuffled by epoch for training, in order otherwise."""
+        return sharded_loader(self, split, self._valid_attribute(f'{split}_dataset', 'dataset'))
 
     def setup(self, stage: str) -> None:
         """Use the given sets: train for fitting, test for validation and testing."""

@@ -1,16 +1,16 @@
 """GeRSP's data: the pretraining patches plus a labelled folder of natural images.
 
-Every step pairs a batch of patches (:class:`~geocmid.datamodules.pretrain.PretrainDataModule`)
-with an equally large batch of natural images from a folder in ImageFolder layout, one sub-folder
-per class (spec gersp.md 4.1, 13 G3). The patches define the epoch, so the epoch-based schedule
-means the same with or without natural images (the official epoch was one pass over ImageNet,
-gersp.md 12). Natural images are drawn in a fresh random order every epoch, a different one on
-each device, wrapping around when the folder has fewer images than an epoch needs.
+Every step pairs a batch of patches (:class:`~geocmid.datamodules.pretrain.PretrainDataModule`) with
+an equally large batch of natural images from a folder in ImageFolder layout, one sub-folder per
+class (``docs/gersp.md#data``). The patches define the epoch, so the epoch-based schedule means the
+same with or without natural images (the official epoch was one pass over ImageNet,
+``docs/gersp.md#deviations``). Natural images are drawn in a fresh random order every epoch, a
+different one on each device, wrapping around when the folder has fewer images than an epoch needs.
 
 Natural images are read as 8-bit RGB (JPEG, PNG or TIFF; grayscale, palette and CMYK images, a
 few of which ImageNet holds, are converted), resized to the patch size (shorter side, then the
 centre square) and normalised on the device with ImageNet statistics, as the official code did
-(gersp.md 4.2); the task maps them onto the rasters' bands.
+(``docs/gersp.md#data``); the task maps them onto the rasters' bands.
 """
 
 from __future__ import annotations

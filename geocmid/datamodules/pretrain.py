@@ -28,19 +28,18 @@ from torchgeo.datasets.utils import Sample
 from torchvision.transforms.v2 import functional as F
 
 from geocmid.datasets.chips import ChipFolder, chip_statistics
-from geocmid.datasets.geo_raster import GeoRasterDataset, valid_from_sentinel
+from geocmid.datasets.geo_raster import DEVICE_READ, GeoRasterDataset, restore_on_device
 from geocmid.errors import InputError
+from geocmid.raster.bands import RGB_BAND_NAMES
 from geocmid.raster.files import BandSelection, crs_name
+from geocmid.raster.normalise import normalise
 from geocmid.samplers.valid_patch import ValidPatchSampler
-
-#: Names of the bands of 3-band JPEG/PNG chips, which PIL decodes as RGB.
-RGB_BAND_NAMES = ('red', 'green', 'blue')
 
 #: How pretraining reads raster patches (bench/loader.py measures this very setting): in the
 #: files' dtype, a quarter of the bytes of float32 for 8-bit imagery to collate, pin and copy
 #: to the GPU, and without the validity mask when the nodata value implies it; both are
 #: restored on the device by :meth:`PretrainDataModule.on_after_batch_transfer`.
-RASTER_OPTIONS: dict[str, Any] = {'dtype': 'native', 'omit_implied_valid': True}
+RASTER_OPTIONS: dict[str, Any] = DEVICE_READ
 
 
 class RandomSquarePatch:
@@ -178,9 +177,9 @@ class PretrainDataModule(BaseDataModule):
         self.mean, self.std = dataset.mean, dataset.std
         dtypes = {dtype for source in dataset.sources for dtype in source.dtypes}
         self.max_value = max(_full_scale(dtype) for dtype in dtypes)
-        self.resolution: float | None = _metres_per_pixel(dataset)
+        self.resolution: float | None = dataset.ground_resolution
         self.samples_per_epoch = len(sampler)
-        self.crs = crs_name(dataset.sources[0].crs)
+        self.crs = crs_name(dataset.target_crs)
         self.sentinel = dataset.sentinel
 
     def _open_chips(
@@ -204,7 +203,7 @@ class PretrainDataModule(BaseDataModule):
         if chips.num_bands == 3 and all(
             path.suffix.lower() not in ('.tif', '.tiff') for path in chips.files
         ):
-            names = [RGB_BAND_NAMES[index - 1] for index in self.band_indices]
+            names = [RGB_BAND_NAMES[index - 1] for index in self.band_indices]  # PIL decodes RGB
         else:
             names = [f'band_{index}' for index in self.band_indices]
         self.band_names = names
@@ -287,16 +286,8 @@ class PretrainDataModule(BaseDataModule):
         Returns:
             The batch with the normalised float32 image and ``valid``, when known.
         """
-        if 'valid' not in batch and self.sentinel is not None:
-            batch['valid'] = valid_from_sentinel(batch['image'], self.sentinel)
-        image = batch['image'].to(torch.float32)
-        mean = self.mean.to(image)[None, :, None, None]
-        std = self.std.to(image)[None, :, None, None]
-        normalised = (image - mean) / std
-        if 'valid' in batch:
-            # where(), not a product: nodata may be NaN, and NaN * 0 is NaN.
-            normalised = torch.where(batch['valid'][:, None], normalised, 0)
-        batch['image'] = normalised
+        batch = restore_on_device(batch, self.sentinel)
+        batch['image'] = normalise(batch['image'], self.mean, self.std, batch.get('valid'))
         return batch
 
 
@@ -318,20 +309,3 @@ def _chip_bands(root: str | os.PathLike[str], count: int, bands: BandSelection |
             )
         selected.append(band)
     return selected
-
-
-def _metres_per_pixel(dataset: GeoRasterDataset) -> float:
-    """Ground resolution of the dataset grid in metres (x direction).
-
-    For a geographic CRS a degree is taken at the length of a degree of latitude at the centre
-    of the data, which is what a pixel spans north-south.
-    """
-    crs = dataset.crs
-    xres = dataset.res[0]
-    if not crs.is_geographic:
-        return xres * crs.axis_info[0].unit_conversion_factor
-    left, bottom, right, top = dataset.index.total_bounds
-    lon = (left + right) / 2
-    lat = min(max((bottom + top) / 2, -89.0), 89.0)
-    _, _, metres_per_degree = crs.get_geod().inv(lon, lat - 0.5, lon, lat + 0.5)
-    return xres * metres_per_degree

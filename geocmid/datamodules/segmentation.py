@@ -30,10 +30,12 @@ from torchgeo.datamodules import GeoDataModule
 from torchgeo.datasets.utils import Sample
 from torchgeo.samplers import GriddedPatchSampler
 
-from geocmid.datasets.geo_raster import GeoRasterDataset
-from geocmid.datasets.labels import LabelledDataset, open_labels
+from geocmid.datamodules.sharding import PerRankAugmentation
+from geocmid.datasets.geo_raster import DEVICE_READ, GeoRasterDataset, restore_on_device
+from geocmid.datasets.labels import IGNORE_INDEX, LabelledDataset, open_labels
 from geocmid.errors import InputError
 from geocmid.raster.files import BandSelection
+from geocmid.samplers.shard import ShardedSampler, distributed
 from geocmid.samplers.valid_patch import ValidPatchSampler
 from geocmid.transforms.augment import fine_tuning_augmentations
 
@@ -41,7 +43,7 @@ from geocmid.transforms.augment import fine_tuning_augmentations
 BLOCK_PATCHES = 4
 
 
-class SegmentationDataModule(GeoDataModule):
+class SegmentationDataModule(PerRankAugmentation, GeoDataModule):
     """Rasters and their labels, split into spatial train/val blocks (see the module docstring).
 
     The rasters and labels are opened and checked, and the split is planned, when the data
@@ -104,7 +106,7 @@ class SegmentationDataModule(GeoDataModule):
         if not 0 <= val_fraction < 1:
             raise InputError('val_fraction', f'must be in [0, 1), got {val_fraction}')
         self.images = GeoRasterDataset(
-            rasters, bands=bands, max_nodata_fraction=max_nodata_fraction
+            rasters, bands=bands, max_nodata_fraction=max_nodata_fraction, **DEVICE_READ
         )
         opened = open_labels(
             labels, self.images.crs, label_field=label_field, class_names=class_names
@@ -142,6 +144,9 @@ class SegmentationDataModule(GeoDataModule):
         self.std = _statistic('std', self.given_std, self.images)
         self.aug, self.train_aug = fine_tuning_augmentations(self.mean, self.std, rotate=False)
         self.train_dataset = self.val_dataset = self.dataset
+        # Every rank reads its own share: disjoint training patches (length / world size per
+        # rank) and every world_size-th validation patch.
+        rank, world_size = distributed(self.trainer)
         if stage == 'fit':
             self.train_sampler = ValidPatchSampler(
                 self.images,
@@ -149,11 +154,14 @@ class SegmentationDataModule(GeoDataModule):
                 length=self.length,
                 roi=self.train_roi,
                 seed=self.seed,
+                rank=rank,
+                world_size=world_size,
             )
         if stage in ('fit', 'validate') and self.val_roi is not None:
-            self.val_sampler = GriddedPatchSampler(
+            grid = GriddedPatchSampler(
                 self.dataset, size=self.patch_size, stride=self.patch_size, roi=self.val_roi
             )
+            self.val_sampler = ShardedSampler(grid, rank, world_size)
 
     def on_after_batch_transfer(self, batch: Sample, dataloader_idx: int) -> Sample:
         """Fill nodata with the band mean, then normalise (and augment when training).
@@ -165,6 +173,7 @@ class SegmentationDataModule(GeoDataModule):
         Returns:
             The batch without ``valid`` (its information lives on in ``mask``).
         """
+        batch = restore_on_device(batch, self.images.sentinel, IGNORE_INDEX)
         valid = batch.pop('valid')
         mean = self.mean.to(batch['image'])[None, :, None, None]
         batch['image'] = torch.where(valid[:, None], batch['image'], mean)

@@ -19,18 +19,11 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
-from geocmid.datasets.pairs import (
-    PairRecord,
-    RasterOnGrid,
-    align_pair,
-    is_georeferenced,
-    open_image,
-)
+from geocmid.datasets.labels import IGNORE_INDEX
+from geocmid.datasets.pairs import PairRecord, align_pair, is_georeferenced, open_image
 from geocmid.errors import InputError
 from geocmid.raster.files import PathLike
-
-#: Label value that marks pixels without a usable label (pair nodata, outside the label).
-IGNORE_INDEX = 255
+from geocmid.raster.grid import RasterOnGrid
 
 
 def change_threshold(label: PathLike) -> int:
@@ -204,6 +197,9 @@ class ChangePatches(Dataset[dict[str, torch.Tensor]]):
         length: random patches per epoch; None for a grid of non-overlapping patches
             covering every region once (validation).
         nodata: overrides or supplies the images' nodata value.
+        seed: random patch ``i`` is drawn from a generator seeded with ``(seed, i)``, so it
+            depends on neither the worker nor the rank that reads it; samplers pick the indices
+            (:class:`~geocmid.samplers.shard.EpochIndexSampler`: new ones per rank and epoch).
     """
 
     def __init__(
@@ -214,8 +210,10 @@ class ChangePatches(Dataset[dict[str, torch.Tensor]]):
         *,
         length: int | None = None,
         nodata: float | None = None,
+        seed: int = 0,
     ) -> None:
         self.regions = list(regions)
+        self.seed = seed
         self.patch_size = patch_size
         self.indexes = tuple(indexes)
         self.length = length
@@ -241,14 +239,13 @@ class ChangePatches(Dataset[dict[str, torch.Tensor]]):
         if self.length is None:
             region_index, window = self.grid[index]
         else:
-            # torch's generator is seeded per worker (and by Lightning's seed_everything), so
-            # random patches are reproducible without a generator of their own.
-            region_index = int(torch.multinomial(self.weights, 1))
+            generator = torch.Generator().manual_seed(self.seed * 2**32 + index)
+            region_index = int(torch.multinomial(self.weights, 1, generator=generator))
             region = self.regions[region_index]
             rows = max(1, region.height - self.patch_size + 1)
             cols = max(1, region.width - self.patch_size + 1)
-            row = region.rows[0] + int(torch.randint(rows, ()))
-            col = int(torch.randint(cols, ()))
+            row = region.rows[0] + int(torch.randint(rows, (), generator=generator))
+            col = int(torch.randint(cols, (), generator=generator))
             window = Window(col, row, self.patch_size, self.patch_size)
         return self._sample(region_index, window)
 

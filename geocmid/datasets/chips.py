@@ -365,3 +365,46 @@ def chip_statistics(dataset: Dataset[Sample], max_chips: int = 256, seed: int = 
     chips = (BandStats.from_pixels(image, np.ones(image.shape[1:], bool)) for image in images)
     stats = functools.reduce(BandStats.merge, chips)
     return dataclasses.replace(stats, exact=len(chosen) == count)
+
+
+class SelectBands:
+    """Sample transform keeping the given 1-based bands of ``sample['image']``, in that order.
+
+    A class rather than a closure so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, bands: Sequence[int]) -> None:
+        """Keep ``bands`` (1-based band indices)."""
+        self.indices = torch.tensor([band - 1 for band in bands])
+
+    def __call__(self, sample: Sample) -> Sample:
+        """Return ``sample`` with only the selected bands in its image."""
+        return {**sample, 'image': sample['image'][self.indices]}
+
+
+def select_bands(folder: ChipFolder, bands: Sequence[int] | None) -> list[int]:
+    """Check ``bands`` against the folder's images and make the folder return only those.
+
+    Args:
+        folder: The chips.
+        bands: 1-based bands to keep, in channel order; None keeps all.
+
+    Returns:
+        The bands kept.
+
+    Raises:
+        InputError: An empty selection or a band the images lack.
+    """
+    if bands is None:
+        return list(range(1, folder.num_bands + 1))
+    if not bands:
+        raise InputError('--bands', 'empty band selection')
+    bad = [band for band in bands if not 1 <= band <= folder.num_bands]
+    if bad:
+        raise InputError(
+            folder.root,
+            f'band(s) {", ".join(map(str, bad))} requested but the images have '
+            f'{folder.num_bands} band(s), numbered from 1',
+        )
+    folder.transforms = SelectBands(bands)
+    return list(bands)

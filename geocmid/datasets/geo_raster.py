@@ -30,18 +30,27 @@ from torchgeo.datasets import GeoDataset
 from torchgeo.datasets.utils import GeoSlice, Sample, disambiguate_timestamp
 
 from geocmid.errors import InputError
+from geocmid.raster.bands import COLOUR_NAMES
 from geocmid.raster.extent_index import ExtentIndex
 from geocmid.raster.files import (
     BandSelection,
     PathLike,
     ValidityRule,
-    alpha_band,
     check_bands,
     find_rasters,
     open_raster,
     raster_band_stats,
     require_georeferencing,
 )
+from geocmid.raster.grid import (
+    GRID_TOLERANCE,
+    Grid,
+    is_whole,
+    same_resolution,
+    validity_of,
+    warp_onto,
+)
+from geocmid.raster.locations import remote_env
 from geocmid.raster.stats import (
     BandStats,
     default_sidecar,
@@ -50,13 +59,17 @@ from geocmid.raster.stats import (
     load_cached,
     store_cached,
 )
-
-#: Tolerance, in pixels, for deciding that a coordinate lies on the dataset's pixel grid.
-GRID_TOLERANCE = 1e-6
+from geocmid.raster.units import crs_units_to_metres
 
 #: How sample images are typed: 'float32', or 'native' (the files' own dtype, cast on the
 #: device after the batch transfer).
 type ImageDtype = Literal['float32', 'native']
+
+#: How training reads raster patches, pretraining and fine-tuning alike (``bench/loader.py``
+#: measures it): in the files' dtype, a quarter of the bytes of float32 for 8-bit imagery to
+#: collate, pin and copy to the GPU, and without ``valid`` where the nodata value implies it;
+#: :func:`restore_on_device` casts the batch and rebuilds ``valid`` after the transfer.
+DEVICE_READ: dict[str, Any] = {'dtype': 'native', 'omit_implied_valid': True}
 
 
 @dataclass(frozen=True)
@@ -72,9 +85,10 @@ class RasterSource:
     indexes: tuple[int, ...]
     dtypes: tuple[str, ...]
     rule: ValidityRule
-    alpha: int | None
     descriptions: tuple[str | None, ...]
     interval: tuple[pd.Timestamp, pd.Timestamp]
+    #: GDAL colour interpretation of each band: 'red', 'green', 'blue', or None for others.
+    colours: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,7 @@ class GeoRasterDataset(GeoDataset):
       (see BENCHMARKS.md);
     * ``bounds``: [xmin, xmax, xres, ymin, ymax, yres, tmin, tmax, tres] and ``transform``:
       the 9 affine coefficients, both **float64** (TorchGeo's float32 loses up to a pixel in
-      UTM northings, spec 2.2).
+      UTM northings, ``docs/data.md#samples``).
 
     ``sentinel`` is the value that marks exactly the invalid pixels of every sample (a pixel
     is invalid where some band holds it), when there is one: every file's validity is the
@@ -226,9 +240,9 @@ class GeoRasterDataset(GeoDataset):
         exact = self._native or np.can_cast(self._read_dtype, np.float32)
         self._omit_valid = omit_implied_valid and self.sentinel is not None and exact
         self._stats: BandStats | None = None
-        self._readers: OrderedDict[int, tuple[DatasetReader, DatasetReader | WarpedVRT]] = (
-            OrderedDict()
-        )
+        self._readers: OrderedDict[
+            int, tuple[DatasetReader, DatasetReader | WarpedVRT, ValidityRule]
+        ] = OrderedDict()
         self._pid = os.getpid()
         self._plan(crs, res)
 
@@ -249,9 +263,9 @@ class GeoRasterDataset(GeoDataset):
                 indexes=indexes,
                 dtypes=tuple(src.dtypes[i - 1] for i in indexes),
                 rule=ValidityRule.of(src, indexes, self.nodata_override),
-                alpha=alpha_band(src),
                 descriptions=tuple(src.descriptions[i - 1] for i in indexes),
                 interval=self._interval(path),
+                colours=tuple(COLOUR_NAMES.get(src.colorinterp[i - 1]) for i in indexes),
             )
 
     def _interval(self, path: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
@@ -331,8 +345,8 @@ class GeoRasterDataset(GeoDataset):
                 for s in self.sources
                 if s.crs == target
                 and _on_axes(s.transform)
-                and _close(s.transform.a, xres)
-                and _close(-s.transform.e, yres)
+                and same_resolution(s.transform.a, xres)
+                and same_resolution(-s.transform.e, yres)
             ),
             from_origin(0.0, 0.0, xres, yres),
         )
@@ -383,9 +397,9 @@ class GeoRasterDataset(GeoDataset):
         x0, y0 = self.grid.c, self.grid.f
         t = source.transform
         same_crs = source.crs == self.target_crs
-        if same_crs and _on_axes(t) and _close(t.a, xres) and _close(-t.e, yres):
+        if same_crs and _on_axes(t) and same_resolution(t.a, xres) and same_resolution(-t.e, yres):
             col, row = (t.c - x0) / xres, (y0 - t.f) / yres
-            if _integral(col) and _integral(row):
+            if is_whole(col) and is_whole(row):
                 return Placement(round(col), round(row), source.width, source.height, warp=False)
         left, bottom, right, top = _extent(source)
         if source.crs != self.target_crs:
@@ -431,6 +445,13 @@ class GeoRasterDataset(GeoDataset):
         return self._bounds
 
     @property
+    def ground_resolution(self) -> float:
+        """Pixel size in metres (x direction; see :mod:`geocmid.raster.units`)."""
+        x, y, _ = self._bounds
+        bounds = (x.start, y.start, x.stop, y.stop)
+        return crs_units_to_metres(self._res[0], self.target_crs, bounds)
+
+    @property
     def files(self) -> list[str]:
         """The rasters of the dataset, sorted."""
         return [str(source.path) for source in self.sources]
@@ -442,11 +463,13 @@ class GeoRasterDataset(GeoDataset):
 
     @property
     def band_names(self) -> tuple[str, ...]:
-        """Names of the selected bands: the first file's descriptions, else 'band_<index>'."""
+        """Names of the selected bands: the first file's descriptions, else its colour
+        interpretation ('red', 'green', 'blue'), else 'band_<index>'."""
         first = self.sources[0]
+        colours = first.colours or (None,) * len(first.indexes)
         return tuple(
-            name or f'band_{index}'
-            for name, index in zip(first.descriptions, first.indexes, strict=True)
+            name or colour or f'band_{index}'
+            for name, colour, index in zip(first.descriptions, colours, first.indexes, strict=True)
         )
 
     def __getitem__(self, index: GeoSlice) -> Sample:
@@ -473,10 +496,10 @@ class GeoRasterDataset(GeoDataset):
         row = (self.grid.f - y.stop) / self._res[1]
         transform = (x.step, 0.0, x.start, 0.0, -y.step, y.stop, 0.0, 0.0, 1.0)
         on_grid = (
-            _close(x.step, self._res[0])
-            and _close(y.step, self._res[1])
-            and _integral(col)
-            and _integral(row)
+            same_resolution(x.step, self._res[0])
+            and same_resolution(y.step, self._res[1])
+            and is_whole(col)
+            and is_whole(row)
         )
         if on_grid:
             data, valid = self._read_on_grid(hits, round(col), round(row), width, height)
@@ -541,8 +564,11 @@ class GeoRasterDataset(GeoDataset):
         Returns:
             (C, H, W) data in the files' common dtype and the (H, W) bool validity.
         """
-        data = self.read_pixels(i, window)
-        return data, self._rule(i).valid(self._reader(i), self.sources[i].indexes, window, data)
+        _, reader, rule = self._handles(i)
+        data = reader.read(self.sources[i].indexes, window=window)
+        if data.dtype != self._read_dtype:  # only in mosaics of mixed dtypes
+            data = data.astype(self._read_dtype)
+        return data, rule.valid(reader, self.sources[i].indexes, window, data)
 
     def read_pixels(self, i: int, window: Window) -> np.ndarray:
         """(C, H, W) pixels of file ``i`` in ``window``, in the files' common dtype."""
@@ -553,7 +579,25 @@ class GeoRasterDataset(GeoDataset):
 
     def read_valid(self, i: int, window: Window) -> np.ndarray:
         """(H, W) bool validity of file ``i`` in ``window`` (see :meth:`read_window`)."""
-        return self._rule(i).valid(self._reader(i), self.sources[i].indexes, window)
+        _, reader, rule = self._handles(i)
+        return rule.valid(reader, self.sources[i].indexes, window)
+
+    def read_valid_coarse(self, i: int, shape: tuple[int, int]) -> np.ndarray:
+        """(rows, cols) bool validity of file ``i`` read at a coarse ``shape`` over its whole
+        placement: one decimated read, which GDAL serves from the nearest overview (or the
+        internal mask's overview) when there is one, else by reading one pixel per cell.
+
+        Used for remote files, whose full validity would mean downloading them whole.
+        """
+        _, reader, rule = self._handles(i)
+        indexes = list(self.sources[i].indexes)
+        if rule.alpha is not None:
+            return reader.read(rule.alpha, out_shape=shape) > 0
+        if rule.masks:
+            read = indexes[:1] if rule.per_dataset else indexes
+            return reader.read_masks(read, out_shape=(len(read), *shape)).all(axis=0)
+        data = reader.read(indexes, out_shape=(len(indexes), *shape))
+        return rule.valid(reader, indexes, None, data)
 
     def _read_on_grid(
         self, hits: list[int], col: int, row: int, width: int, height: int
@@ -593,10 +637,12 @@ class GeoRasterDataset(GeoDataset):
         data, valid = self._blank(height, width)
         for i in hits:
             source = self.sources[i]
-            src, _ = self._handles(i)
-            with self._warped(src, source, transform, width, height) as vrt:
+            src = self._handles(i)[0]
+            grid = Grid(self.target_crs, transform, width, height)
+            with self._warped(src, source, grid) as vrt:
                 part = vrt.read(source.indexes).astype(self._read_dtype, copy=False)
-                part_valid = self._warped_rule(source).valid(vrt, source.indexes, None, part)
+                rule = validity_of(vrt, source.indexes, source.rule.nodata)
+                part_valid = rule.valid(vrt, source.indexes, None, part)
             _paste(data, valid, part, part_valid)
         return data, valid
 
@@ -606,43 +652,17 @@ class GeoRasterDataset(GeoDataset):
         data = np.full((bands, height, width), self._fill, dtype=self._read_dtype)
         return data, np.zeros((height, width), dtype=bool)
 
-    def _rule(self, i: int) -> ValidityRule:
-        """How validity is read from file ``i``'s reader (itself or its warped view)."""
-        source = self.sources[i]
-        return self._warped_rule(source) if self.placements[i].warp else source.rule
-
-    @staticmethod
-    def _warped_rule(source: RasterSource) -> ValidityRule:
-        """Validity in a warped view: nodata if the file has one, else the view's alpha band
-        (the file's own, or the one :meth:`_warped` adds after the file's bands)."""
-        if source.rule.nodata is not None:
-            return source.rule
-        return ValidityRule(alpha=source.alpha or source.count + 1)
-
-    def _warped(
-        self, src: DatasetReader, source: RasterSource, transform: Affine, width: int, height: int
-    ) -> WarpedVRT:
-        """A view of ``src`` on the grid given by ``transform``, ``width`` and ``height``."""
-        options: dict[str, Any] = {
-            'crs': self.target_crs,
-            'transform': transform,
-            'width': width,
-            'height': height,
-            'resampling': self.resampling,
-        }
-        if source.rule.nodata is not None:
-            options.update(src_nodata=source.rule.nodata, nodata=source.rule.nodata)
-        elif source.alpha is None:
-            # Without nodata, only an alpha band tells the warped collar from real zeros.
-            options['add_alpha'] = True
-        return WarpedVRT(src, **options)
+    def _warped(self, src: DatasetReader, source: RasterSource, grid: Grid) -> WarpedVRT:
+        """A view of ``src`` on ``grid`` (see :func:`~geocmid.raster.grid.warp_onto`)."""
+        return warp_onto(src, grid, nodata=source.rule.nodata, resampling=self.resampling)
 
     def _reader(self, i: int) -> DatasetReader | WarpedVRT:
         """The cached reader of file ``i`` on the dataset grid."""
         return self._handles(i)[1]
 
-    def _handles(self, i: int) -> tuple[DatasetReader, DatasetReader | WarpedVRT]:
-        """File ``i`` opened in this process, and its view on the dataset grid (LRU cache)."""
+    def _handles(self, i: int) -> tuple[DatasetReader, DatasetReader | WarpedVRT, ValidityRule]:
+        """File ``i`` opened in this process, its view on the dataset grid and the validity
+        rule of that view (LRU cache)."""
         if self._pid != os.getpid():
             # A forked worker inherited the parent's GDAL handles: never share them.
             self._readers = OrderedDict()
@@ -652,22 +672,25 @@ class GeoRasterDataset(GeoDataset):
             self._readers.move_to_end(i)
             return handles
         source, p = self.sources[i], self.placements[i]
-        src = rasterio.open(source.path)  # validated by open_raster at construction
+        with remote_env(source.path):
+            src = rasterio.open(source.path)  # validated by open_raster at construction
         reader: DatasetReader | WarpedVRT = src
+        rule = source.rule
         if p.warp:
             x0, y0 = self.grid @ (p.col, p.row)
             transform = Affine(self.grid.a, 0.0, x0, 0.0, self.grid.e, y0)
-            reader = self._warped(src, source, transform, p.width, p.height)
-        self._readers[i] = (src, reader)
+            reader = self._warped(src, source, Grid(self.target_crs, transform, p.width, p.height))
+            rule = validity_of(reader, source.indexes, source.rule.nodata)
+        self._readers[i] = (src, reader, rule)
         while len(self._readers) > self.max_open_files:
-            _, (old_src, old_reader) = self._readers.popitem(last=False)
+            _, (old_src, old_reader, _) = self._readers.popitem(last=False)
             old_reader.close()
             old_src.close()
-        return src, reader
+        return self._readers[i]
 
     def close(self) -> None:
         """Close the files this process has open (they reopen on the next read)."""
-        for src, reader in getattr(self, '_readers', {}).values():
+        for src, reader, _ in getattr(self, '_readers', {}).values():
             reader.close()
             src.close()
         self._readers = OrderedDict()
@@ -753,16 +776,6 @@ def _on_axes(transform: Affine) -> bool:
     return transform.b == 0 and transform.d == 0 and transform.a > 0 and transform.e < 0
 
 
-def _close(a: float, b: float) -> bool:
-    """Resolutions equal up to float noise."""
-    return math.isclose(a, b, rel_tol=1e-9)
-
-
-def _integral(value: float) -> bool:
-    """Whether a pixel coordinate is whole, up to :data:`GRID_TOLERANCE`."""
-    return abs(value - round(value)) < GRID_TOLERANCE
-
-
 def valid_from_sentinel(image: Tensor, sentinel: float) -> Tensor:
     """Validity of images whose invalid pixels hold ``sentinel`` in some band.
 
@@ -775,12 +788,35 @@ def valid_from_sentinel(image: Tensor, sentinel: float) -> Tensor:
         sentinel: the value marking invalid pixels; NaN matches NaN.
 
     Returns:
-        (..., H, W) bool, True where no band holds ``sentinel``.
+        (..., H, W) bool, True where no band holds ``sentinel`` (nor NaN).
     """
     if math.isnan(sentinel):
         return ~image.isnan().any(dim=-3)
     if not image.is_floating_point():
         # An int keeps the comparison in the image's dtype: against a float, torch would
         # compare in float32, which merges large neighbouring integers (uint32, int32).
-        sentinel = int(sentinel)
-    return (image != sentinel).all(dim=-3)
+        return (image != int(sentinel)).all(dim=-3)
+    # NaN is never data (the validity rule of geocmid.raster.files.ValidityRule).
+    return ((image != sentinel) & ~image.isnan()).all(dim=-3)
+
+
+def restore_on_device(
+    batch: Sample, sentinel: float | None, ignore_index: int | None = None
+) -> Sample:
+    """Finish on the device a batch read with :data:`DEVICE_READ`: float32 image, ``valid``.
+
+    Args:
+        batch: ``image`` (B, C, H, W) in the files' dtype, ``valid`` (B, H, W) unless it was
+            left out, optionally ``mask`` (B, H, W) class ids.
+        sentinel: the dataset's :attr:`~GeoRasterDataset.sentinel`.
+        ignore_index: label value given to ``mask`` where the rebuilt ``valid`` is False.
+
+    Returns:
+        The batch with a float32 image and ``valid`` (when the sentinel or the dataset gave it).
+    """
+    if 'valid' not in batch and sentinel is not None:
+        valid = batch['valid'] = valid_from_sentinel(batch['image'], sentinel)
+        if ignore_index is not None and 'mask' in batch:
+            batch['mask'] = batch['mask'].masked_fill(~valid, ignore_index)
+    batch['image'] = batch['image'].to(torch.float32)
+    return batch

@@ -91,12 +91,15 @@ class VectorLabels:
             raise InputError(path, f'cannot read vector labels ({exc})') from None
         if frame.crs is None:
             raise InputError(path, 'vector labels have no CRS')
-        frame = frame[~(frame.geometry.isna() | frame.geometry.is_empty)]
+        # A fresh index: ids and geometries below are paired by position, not by old labels.
+        frame = frame[~(frame.geometry.isna() | frame.geometry.is_empty)].reset_index(drop=True)
         if label_field is not None and label_field not in frame.columns:
             fields = ', '.join(str(c) for c in frame.columns if c != 'geometry')
             raise InputError(path, f"no field '{label_field}' (fields: {fields})")
         ids, self.class_names = _class_ids(frame, label_field, class_names, path)
-        self.shapes = gpd.GeoDataFrame({'class_id': ids}, geometry=frame.geometry.to_crs(crs))
+        self.shapes = gpd.GeoDataFrame(
+            {'class_id': ids}, geometry=frame.geometry.to_crs(crs), index=frame.index
+        )
 
     def intersects(self, geometry: BaseGeometry) -> bool:
         """Whether any polygon intersects ``geometry`` (in the image CRS)."""
@@ -255,9 +258,11 @@ class LabelledDataset(GeoDataset):
 
     Each sample is the image dataset's sample (``image``, ``valid``, ``bounds``,
     ``transform``, ...) plus ``mask``: (H, W) int64 class ids, :data:`IGNORE_INDEX` where the
-    image is nodata or no label applies. The mask grid is built in float64 from the query
-    itself (its top-left corner and the dataset resolution), never from TorchGeo's float32
-    ``transform`` tensor.
+    image is nodata or no label applies. When the image sample leaves ``valid`` out
+    (:data:`~geocmid.datasets.geo_raster.DEVICE_READ`), nodata pixels are marked on the device
+    by :func:`~geocmid.datasets.geo_raster.restore_on_device`. The mask grid is built in
+    float64 from the query itself (its top-left corner and the dataset resolution), never from
+    TorchGeo's float32 ``transform`` tensor.
 
     Unlike TorchGeo's ``IntersectionDataset`` (``images & masks``), this keeps one copy of
     ``bounds``/``transform`` (not 18-long concatenations) and leaves the image dataset

@@ -19,153 +19,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Self
 
 import numpy as np
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import DatasetReader
-from rasterio.transform import Affine
-from rasterio.vrt import WarpedVRT
+from rasterio.transform import Affine, array_bounds
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from geocmid.errors import InputError
-from geocmid.raster.files import PathLike, ValidityRule, open_raster, require_georeferencing
+from geocmid.raster.files import PathLike, open_raster, require_georeferencing
+from geocmid.raster.grid import Grid, GridResampling, RasterOnGrid, data_bands, snap
 from geocmid.raster.stats import BandStats, sample_windows
+from geocmid.raster.units import crs_units_to_metres
 
 #: Resampling of the after image when it has to be warped (bilinear suits continuous data).
-PairResampling = Literal['nearest', 'bilinear', 'cubic', 'average']
+PairResampling = GridResampling
 
 #: Image extensions searched for in pair folders (case-insensitive).
 IMAGE_SUFFIXES = ('.tif', '.tiff', '.png', '.jpg', '.jpeg', '.bmp', '.img')
-
-# Coordinates closer than this to a whole pixel count as on it: float64 geotransforms of
-# aligned grids differ by rounding noise, which must not add a column of nodata.
-_PIXEL_TOLERANCE = 1e-6
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A raster grid: CRS (None for images without georeferencing), geotransform and size."""
-
-    crs: CRS | None
-    transform: Affine
-    width: int
-    height: int
-
-
-def _snap(value: float) -> float:
-    """``value`` rounded to a whole number when it is one up to rounding noise."""
-    nearest = round(value)
-    return float(nearest) if abs(value - nearest) < _PIXEL_TOLERANCE else value
-
-
-def _grid_offset(src: DatasetReader, grid: Grid) -> tuple[int, int] | None:
-    """(row, column) of ``grid``'s origin in ``src``'s pixels when ``grid`` is a window of it.
-
-    That is the case when both share the CRS and the grid's corners fall on whole pixels of
-    ``src`` with the same pixel size; the window must also lie inside ``src``. Otherwise None:
-    ``src`` has to be warped onto ``grid``.
-    """
-    if src.crs != grid.crs:
-        return None
-    inverse = ~src.transform
-    corners = [
-        inverse @ (grid.transform @ (col, row))
-        for col, row in ((0, 0), (grid.width, 0), (0, grid.height))
-    ]
-    (col0, row0), (col1, row1), (col2, row2) = [(_snap(c), _snap(r)) for c, r in corners]
-    whole = all(float(v).is_integer() for v in (col0, row0, col1, row1, col2, row2))
-    spans = (col1 - col0, row1 - row0, col2 - col0, row2 - row0)
-    same_size = spans == (grid.width, 0, 0, grid.height)
-    inside = (
-        0 <= col0 and 0 <= row0
-        and col0 + grid.width <= src.width and row0 + grid.height <= src.height
-    )  # fmt: skip
-    if whole and same_size and inside:
-        return int(row0), int(col0)
-    return None
-
-
-class RasterOnGrid:
-    """One raster read by windows of a target grid, with a per-pixel validity mask.
-
-    Args:
-        src: the open raster (closed by :meth:`close`).
-        path: its file, for error messages.
-        grid: the grid windows refer to.
-        nodata: overrides or supplies the raster's nodata value.
-        resampling: used when the raster has to be warped onto ``grid``.
-        offset: (row, column) of the grid's origin in the raster's pixels, for a raster known
-            to share the grid's pixels (a label without georeferencing); found from the
-            georeferencing when None.
-    """
-
-    def __init__(
-        self,
-        src: DatasetReader,
-        path: Path,
-        grid: Grid,
-        *,
-        nodata: float | None,
-        resampling: PairResampling,
-        offset: tuple[int, int] | None = None,
-    ) -> None:
-        self.src = src
-        self.path = path
-        self.nodata = nodata
-        if offset is None:
-            offset = _grid_offset(src, grid)
-        self.warp: WarpedVRT | None = None
-        if offset is None:
-            # The alpha band marks what the warp could not fill: outside the raster's footprint
-            # and wherever its nodata value or mask made the resampling kernel empty.
-            self.warp = WarpedVRT(
-                src,
-                crs=grid.crs,
-                transform=grid.transform,
-                width=grid.width,
-                height=grid.height,
-                resampling=Resampling[resampling],
-                add_alpha=True,
-                src_nodata=src.nodata if nodata is None else nodata,
-                nodata=src.nodata if nodata is None else nodata,
-            )
-            offset = (0, 0)
-        self.row_off, self.col_off = offset
-
-    @property
-    def warped(self) -> bool:
-        """Whether the raster is resampled onto the grid (else read pixel for pixel)."""
-        return self.warp is not None
-
-    def read(
-        self, window: Window, indexes: Sequence[int], out_dtype: str | np.dtype | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Read ``indexes`` in ``window`` of the grid: (C, h, w) data and (h, w) validity."""
-        if self.warp is not None:
-            data = self.warp.read(list(indexes), window=window, out_dtype=out_dtype)
-            valid = self.warp.read(self.warp.count, window=window) > 0  # the added alpha band
-            if self.warp.nodata is not None:
-                rule = ValidityRule(nodata=self.warp.nodata)
-                valid &= rule.valid(self.warp, indexes, window, data)
-        else:
-            col, row = window.col_off + self.col_off, window.row_off + self.row_off
-            shifted = Window(col, row, window.width, window.height)
-            data = self.src.read(list(indexes), window=shifted, out_dtype=out_dtype)
-            rule = ValidityRule.of(self.src, indexes, self.nodata)
-            valid = rule.valid(self.src, indexes, shifted, data)
-        if data.dtype.kind == 'f':  # NaN is never data, whatever the metadata says
-            valid &= ~np.isnan(data).any(axis=0)
-        return data, valid
-
-    def close(self) -> None:
-        """Close the warp (if any) and the raster."""
-        if self.warp is not None:
-            self.warp.close()
-        self.src.close()
 
 
 class AlignedPair:
@@ -174,7 +48,7 @@ class AlignedPair:
     Built by :func:`align_pair`. The grid is the before image's grid restricted to the pair's
     overlap: same CRS, float64 geotransform and pixel size, an integer window of the before
     image. A pixel is valid where both images hold data in every band read (the union of
-    their nodata).
+    their nodata). A declared alpha band is not a data band: it marks validity.
 
     Attributes:
         before: the before (earlier) image file.
@@ -182,7 +56,7 @@ class AlignedPair:
         grid: the common grid.
         before_grid: the before image's whole grid.
         window: where the grid lies in the before image (pixels).
-        count: number of bands of each image.
+        count: number of data bands of each image (alpha bands left out).
         dtype: data type of both images.
     """
 
@@ -201,8 +75,9 @@ class AlignedPair:
         src = before.src
         self.before_grid = Grid(src.crs, src.transform, src.width, src.height)
         self.window = window
-        self.count = before.src.count
-        self.dtype = np.dtype(before.src.dtypes[0])
+        self._bands = (data_bands(before.src), data_bands(after.src))
+        self.count = len(self._bands[0])
+        self.dtype = np.dtype(before.src.dtypes[self._bands[0][0] - 1])
 
     @property
     def crs(self) -> CRS | None:
@@ -225,6 +100,23 @@ class AlignedPair:
         return self.grid.height
 
     @property
+    def ground_resolution(self) -> float | None:
+        """Pixel size in metres (x direction); None without georeferencing."""
+        if self.grid.crs is None:
+            return None
+        bounds = array_bounds(self.height, self.width, self.transform)
+        return crs_units_to_metres(abs(self.transform.a), self.grid.crs, bounds)
+
+    @property
+    def band_names(self) -> tuple[list[str | None], list[str | None]]:
+        """Descriptions of each image's data bands, before then after (None where unnamed)."""
+        before, after = (
+            [raster.src.descriptions[band - 1] for band in bands]
+            for raster, bands in zip((self._before, self._after), self._bands, strict=True)
+        )
+        return before, after
+
+    @property
     def warped(self) -> bool:
         """Whether the after image is resampled (else it shares the before image's pixels)."""
         return self._after.warped
@@ -240,7 +132,7 @@ class AlignedPair:
 
         Args:
             window: pixels of the grid; None reads the whole grid (small pairs only).
-            indexes: 1-based bands to read; all bands when None.
+            indexes: 1-based data bands to read (alpha bands are not counted); all when None.
             out_dtype: data type to read into; the images' own when None.
 
         Returns:
@@ -248,8 +140,9 @@ class AlignedPair:
         """
         window = Window(0, 0, self.width, self.height) if window is None else window
         indexes = tuple(range(1, self.count + 1)) if indexes is None else tuple(indexes)
-        before, valid_before = self._before.read(window, indexes, out_dtype)
-        after, valid_after = self._after.read(window, indexes, out_dtype)
+        first, second = ([bands[i - 1] for i in indexes] for bands in self._bands)
+        before, valid_before = self._before.read(window, first, out_dtype)
+        after, valid_after = self._after.read(window, second, out_dtype)
         return before, after, valid_before & valid_after
 
     def close(self) -> None:
@@ -314,8 +207,8 @@ def overlap_window(
     left, bottom, right, top = bounds
     inverse = ~before.transform
     corners = [inverse @ (x, y) for x in (left, right) for y in (bottom, top)]
-    cols = [_snap(c) for c, _ in corners]
-    rows = [_snap(r) for _, r in corners]
+    cols = [snap(c) for c, _ in corners]
+    rows = [snap(r) for _, r in corners]
     col0, col1 = max(0, math.floor(min(cols))), min(before.width, math.ceil(max(cols)))
     row0, row1 = max(0, math.floor(min(rows))), min(before.height, math.ceil(max(rows)))
     if col1 <= col0 or row1 <= row0:
@@ -377,12 +270,15 @@ def align_pair(
             require_georeferencing(a, before)
             require_georeferencing(b, after)
             window = None
-        if b.count != a.count:
-            raise InputError(after, f'has {b.count} band(s) but {before} has {a.count}')
-        if not _compatible_dtypes(a.dtypes, b.dtypes):
+        bands_a, bands_b = data_bands(a), data_bands(b)
+        if len(bands_b) != len(bands_a):
+            raise InputError(after, f'has {len(bands_b)} band(s) but {before} has {len(bands_a)}')
+        dtypes_a = [a.dtypes[i - 1] for i in bands_a]
+        dtypes_b = [b.dtypes[i - 1] for i in bands_b]
+        if not _compatible_dtypes(dtypes_a, dtypes_b):
             raise InputError(
                 after,
-                f'data type {b.dtypes[0]} does not match {a.dtypes[0]} of {before}; '
+                f'data type {dtypes_b[0]} does not match {dtypes_a[0]} of {before}; '
                 'convert one image so that both share a data type',
             )
         if window is None:

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from geocmid.errors import InputError
+from geocmid.inference.devices import autocast_dtype
 from geocmid.inference.tiling import BLENDS, Blend, Strip, TileGrid, default_overlap
+from geocmid.progress import progress_bar
 
 #: A model: normalised float32 images (B, C, h, w) -> logits (B, K, h, w).
 Predictor = Callable[[Tensor], Tensor]
@@ -40,10 +41,14 @@ class WindowSource(Protocol):
     """What the engine reads from: a grid of ``height`` x ``width`` pixels read by windows."""
 
     @property
-    def height(self) -> int: ...  # noqa: D102
+    def height(self) -> int:
+        """Grid height in pixels."""
+        ...
 
     @property
-    def width(self) -> int: ...  # noqa: D102
+    def width(self) -> int:
+        """Grid width in pixels."""
+        ...
 
     def read(self, window: Window, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Return float32 (C, *size) normalised pixels and a bool (*size) validity mask."""
@@ -206,7 +211,7 @@ def predict_scene(
     batch_size: int = 4,
     blend: Blend = 'cosine',
     device: torch.device | str = 'cpu',
-    amp: bool = False,
+    amp: bool = True,
     max_width: int = 8192,
     progress: bool = True,
 ) -> InferenceStats:
@@ -221,7 +226,7 @@ def predict_scene(
     on them.
 
     Args:
-        source: the scene, read by windows (e.g. a :class:`~geocmid.inference.reader.SceneReader`).
+        source: the scene, read by windows (e.g. a :class:`~geocmid.raster.scene.SceneReader`).
         predict: the model; an :class:`torch.nn.Module` is put in eval mode.
         sink: receives finished blocks (e.g. a :class:`~geocmid.io.cog.PredictionWriter`).
         num_classes: K, the number of model outputs (1 for a binary sigmoid model).
@@ -231,7 +236,9 @@ def predict_scene(
         blend: how overlapping windows are combined: 'cosine', 'linear', 'gaussian' or
             'none' (crop-centre).
         device: where the model runs.
-        amp: run the model under bfloat16 autocast (CUDA only; ignored elsewhere).
+        amp: run the model in mixed precision where the device has it, as training does:
+            bfloat16 (float16 on GPUs without it) on CUDA, float32 elsewhere
+            (:func:`~geocmid.inference.devices.autocast_dtype`); False: float32 everywhere.
         max_width: widest strip processed at once, in pixels; wider scenes are split into
             strips whose border windows are computed twice.
         progress: show a progress bar (windows done, windows/s, ETA).
@@ -252,15 +259,14 @@ def predict_scene(
         predict.eval()
     size = (tile, tile)
     strips = grid.strips(max_width)
+    dtype = autocast_dtype(device) if amp else None
     autocast = (
-        torch.autocast('cuda', dtype=torch.bfloat16)
-        if amp and device.type == 'cuda'
-        else contextlib.nullcontext()
+        contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
     )
     predicted = skipped = 0
     largest: tuple[int, ...] = ()
     total = sum(len(grid.row_starts) * len(strip.columns) for strip in strips)
-    bar = tqdm(total=total, unit='win', desc='inference', disable=not progress)
+    bar = progress_bar(total=total, unit='win', desc='inference', disable=not progress)
     with bar, torch.inference_mode():
         for strip in strips:
             accumulator = BlendAccumulator(
@@ -282,9 +288,9 @@ def predict_scene(
                     raise InputError('model', problem)
                 probabilities = probabilities_from_logits(logits).cpu().numpy()
                 rows, cols = grid.window_height, grid.window_width
-                for (i, j, window, valid), window_probabilities in zip(kept, probabilities):
+                for (i, j, window, valid), scores in zip(kept, probabilities, strict=True):
                     weights = grid.weights(i, j, blend) * valid[:rows, :cols]
-                    accumulator.add(window, window_probabilities[:, :rows, :cols], weights)
+                    accumulator.add(window, scores[:, :rows, :cols], weights)
                 predicted += len(kept)
             if predicted == 0 and strip is strips[-1]:
                 where = getattr(source, 'path', None)

@@ -1,4 +1,4 @@
-"""Running one inference job per input: the device, the card's tile, and many inputs at once.
+"""Running one inference job per input: many inputs at once, on one device or several.
 
 Many inputs run one after the other in this process on one device, or, given several devices,
 in one worker process per device. Each worker is pinned to its device for its whole life and
@@ -15,13 +15,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 
 import torch
-from tqdm.auto import tqdm
 
 from geocmid.errors import InputError
-from geocmid.io.cards import ModelCard
-
-#: Tile used when a model card gives neither a tile nor a patch size.
-DEFAULT_TILE = 256
+from geocmid.inference.devices import resolve_device
+from geocmid.progress import progress_bar
 
 #: Builds the function that runs one job, on the device given (called once per process).
 type RunnerFactory[J, R] = Callable[[torch.device], Callable[[J], R]]
@@ -35,41 +32,6 @@ type SkipHandler = Callable[[str], None]
 # The runner of a worker process, built by _start_worker, or why it could not be built.
 _runner: Callable[[object], object] | None = None
 _failure: Exception | None = None
-
-
-def resolve_device(device: torch.device | str = 'auto') -> torch.device:
-    """``'auto'``: the first CUDA device when there is one, else the CPU; others as given.
-
-    Raises:
-        InputError: an unknown device name.
-    """
-    if device == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise InputError('--device', f"unknown device {device!r}; try 'cpu' or 'cuda'") from None
-
-
-def cuda_devices(count: int) -> list[torch.device]:
-    """The first ``count`` CUDA devices, each to be given its own worker process.
-
-    Raises:
-        InputError: fewer CUDA devices are visible (in particular on CPU-only machines).
-    """
-    if count < 1:
-        raise InputError('--devices', f'must be at least 1, got {count}')
-    visible = torch.cuda.device_count()
-    if count > visible:
-        raise InputError(
-            '--devices', f'{count} GPUs requested but {visible} CUDA device(s) are visible'
-        )
-    return [torch.device('cuda', index) for index in range(count)]
-
-
-def default_tile(card: ModelCard) -> int:
-    """The inference tile a model card implies: its tile size, else its training patch size."""
-    return card.tile_size or card.patch_size or DEFAULT_TILE
 
 
 def run_jobs[J, R](
@@ -121,7 +83,7 @@ def run_jobs[J, R](
     for name in skipped:
         if on_skip is not None:
             on_skip(name)
-    bar = tqdm(
+    bar = progress_bar(
         total=len(jobs) + len(skipped), initial=len(skipped), unit=unit, desc=f'{unit}s',
         disable=not progress, postfix={'skipped': len(skipped)} if skipped else None,
     )  # fmt: skip

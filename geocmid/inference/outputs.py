@@ -171,7 +171,7 @@ def provenance_tags(
     sha256: str | None = None,
     **settings: object,
 ) -> dict[str, str]:
-    """Metadata recorded in output rasters (spec R5.6): model, inputs and settings.
+    """Metadata recorded in output rasters (docs/inference.md#writers): model, inputs, settings.
 
     Args:
         weights: the file the model weights came from.

@@ -21,7 +21,7 @@ def window_starts(length: int, tile: int, stride: int) -> tuple[int, ...]:
     """Offsets of the windows along one axis, anchored at 0 and covering ``length`` exactly.
 
     The last window is shifted inward so that it ends on the raster edge instead of hanging
-    over it (TorchGeo's centred grid hangs over both edges, see ``torchgeo-0.10.md`` 4.3).
+    over it (TorchGeo's centred grid hangs over both edges, see ``docs/inference.md#tiling``).
     An axis shorter than a tile gets one window at 0.
 
     Args:

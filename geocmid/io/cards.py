@@ -43,6 +43,10 @@ class ClassInfo:
     color: tuple[int, int, int]
 
 
+#: The classes of every change model: 0 no change, 1 change.
+CHANGE_CLASSES = (ClassInfo('no_change', (0, 0, 0)), ClassInfo('change', (230, 25, 75)))
+
+
 @dataclass
 class ModelCard:
     """What an encoder or a fine-tuned model expects as input and what it produces.

@@ -19,6 +19,7 @@ from rasterio.windows import Window
 from geocmid.errors import InputError
 from geocmid.io.atomic import atomic_output, check_writable
 from geocmid.io.cog import GDAL_CACHE_BYTES, gdal_cache_limit
+from geocmid.raster.units import metres_to_crs_units
 
 #: Columns of every polygon layer, in order, with their dtypes.
 SCHEMA = {
@@ -46,22 +47,6 @@ def areas_m2(geometries: gpd.GeoSeries) -> np.ndarray:
         return geometries.to_crs(geometries.estimate_utm_crs()).area.to_numpy()
     factor = crs.axis_info[0].unit_conversion_factor
     return geometries.area.to_numpy() * factor**2
-
-
-def metres_to_crs_units(
-    metres: float, crs: CRS, bounds: tuple[float, float, float, float]
-) -> float:
-    """Convert a distance in metres to CRS units around the centre of ``bounds``.
-
-    For geographic CRSs this uses the length of a degree of latitude at the centre: a degree
-    of longitude is shorter, so the tolerance is never larger than asked in any direction.
-    """
-    if not crs.is_geographic:
-        return metres / crs.axis_info[0].unit_conversion_factor
-    lon = (bounds[0] + bounds[2]) / 2
-    lat = min(max((bounds[1] + bounds[3]) / 2, -89.0), 89.0)
-    _, _, metres_per_degree = crs.get_geod().inv(lon, lat - 0.5, lon, lat + 0.5)
-    return metres / metres_per_degree
 
 
 def _class_names(src: rasterio.io.DatasetReader, names: Sequence[str] | None) -> list[str]:

@@ -3,9 +3,9 @@
 :class:`MaskedEncoder` wraps a timm ResNet or Swin Transformer built without classifier and without
 pretrained weights. Its forward returns the last-stage feature map (B, C, H / 32, W / 32) in NCHW
 for both families. Given a mask, a learnable, zero-initialised token is *added* to the stem output
-at masked positions, ``feat + token * M`` (spec cmid.md 4.3): after the ResNet stem (conv, norm,
-activation, max-pool) or after the Swin patch embedding. Without a mask it is the plain encoder,
-which is how the teacher runs.
+at masked positions, ``feat + token * M`` (``docs/cmid.md#masking``): after the ResNet stem (conv,
+norm, activation, max-pool) or after the Swin patch embedding. Without a mask it is the plain
+encoder, which is how the teacher runs.
 
 The wrapped timm model is exposed as :attr:`MaskedEncoder.encoder`; its state dict loads strictly
 into ``timm.create_model(name, in_chans=C, num_classes=0, **kwargs)`` (for Swin add
@@ -103,8 +103,9 @@ def _check_patch_size(architecture: nn.Module, backbone: str, patch_size: int) -
 def create_encoder(backbone: str, in_chans: int, patch_size: int, **timm_kwargs: Any) -> nn.Module:
     """Create the timm encoder that :class:`MaskedEncoder` wraps, for ``in_chans`` bands.
 
-    No pretrained weights are downloaded. Drop-path defaults to 0 (CMID pre-training, spec 3.2);
-    pass ``drop_path_rate`` to change it. A Swin is built for ``img_size=patch_size``.
+    No pretrained weights are downloaded. Drop-path defaults to 0 (CMID pre-training,
+    arXiv:2304.09670); pass ``drop_path_rate`` to change it. A Swin is built for
+    ``img_size=patch_size``.
 
     Args:
         backbone: timm model name, a ResNet (``resnet18``, ``resnet50``, ...) or a Swin

@@ -1,7 +1,7 @@
 """Heads on top of an encoder's last-stage map: projector, local DINO head, MIM decoder.
 
-Shared by the pre-training methods: CMID uses all three (spec cmid.md 5.1, 6.1, 7.3); GeRSP uses
-:class:`Projector` with 2048 -> 2048 -> 128 (spec gersp.md 2.3).
+Shared by the pre-training methods: CMID uses all three (``docs/cmid.md``); GeRSP uses
+:class:`Projector` with 2048 -> 2048 -> 128 (``docs/gersp.md#architecture``).
 """
 
 from __future__ import annotations
@@ -53,11 +53,15 @@ class LocalHead(nn.Module):
 
     ``Linear(C, 2048) [BN] GELU Linear(2048, 2048) [BN] GELU Linear(2048, 256)``, L2
     normalisation, then a bias-free weight-normalised ``Linear(256, 2048)`` whose magnitude
-    ``g`` is fixed to 1, so the logits are cosine similarities to 2048 prototypes (spec 7.3).
-    Linear layers on (N, C) token rows are the official 1 x 1 ``Conv1d`` on (B, C, L), and
-    BatchNorm over the rows equals BatchNorm1d over (B, L). BatchNorm is used for ResNet
-    encoders and not for Swin. Initialisation follows DINO (spec 17.2): truncated normal
-    std 0.02 and zero biases on the MLP; the prototype layer keeps PyTorch's default, as in DINO.
+    ``g`` is fixed to 1, so the logits are cosine similarities to 2048 prototypes
+    (docs/cmid.md#local-branch). Linear layers on (N, C) token rows are the official 1 x 1
+    ``Conv1d`` on (B, C, L), and BatchNorm over the rows equals BatchNorm1d over (B, L). BatchNorm
+    is used for ResNet encoders and not for Swin. Initialisation follows DINO
+    (docs/cmid.md#deviations): truncated normal std 0.02 and zero biases on the MLP; the prototype
+    layer keeps PyTorch's default, as in DINO.
+
+    Hand-written: lightly's ``DINOProjectionHead`` uses the deprecated ``nn.utils.weight_norm``,
+    whose modules cannot be deep-copied, so no EMA teacher can be made from it.
     """
 
     def __init__(
@@ -121,7 +125,7 @@ class MIMDecoder(nn.Module):
     """SimMIM linear decoder: 1 x 1 convolution to ``scale^2 * out_chans``, then PixelShuffle.
 
     Reconstructs all ``out_chans`` bands of the normalised crop from the last-stage map
-    (spec cmid.md 5.1; the official code is fixed to 3 bands).
+    (``docs/cmid.md#reconstruction-loss``; the official code is fixed to 3 bands).
     """
 
     def __init__(self, in_features: int, out_chans: int, scale: int = 32) -> None:

@@ -1,6 +1,7 @@
 """Pre-training losses: InfoNCE with a queue, focal-L1 and focal frequency MIM losses, DINO loss.
 
-Formulas and constants follow spec cmid.md sections 5 to 7 and the fixes of section 17 (D4, D5).
+Formulas and constants follow ``docs/cmid.md`` (reconstruction loss, global and local branches),
+with the fixes listed in its deviations table.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ __all__ = (
 
 def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
     """MoCo InfoNCE: ``CE([q . k, q . Q] / tau, label 0)``, averaged over the batch.
+
+    Hand-written: lightly's ``NTXentLoss`` keeps its queue in a ``MemoryBankModule`` (see
+    :class:`~geocmid.models.momentum.KeyQueue`) and fills it inside the loss.
 
     Args:
         q: L2-normalised queries (student), shape (N, D).
@@ -51,7 +55,7 @@ def _pixel_mask(mask: Tensor, like: Tensor) -> Tensor:
 def focal_l1_masked(
     pred: Tensor, target: Tensor, mask: Tensor, alpha: float = 0.2, gamma: float = 1.0
 ) -> Tensor:
-    """A2MIM focal-L1 loss on masked pixels (spec cmid.md 5.3).
+    """A2MIM focal-L1 loss on masked pixels (``docs/cmid.md#reconstruction-loss``).
 
     ``d = |y - x|``, ``l = d * (2 * sigmoid(alpha * d) - 1) ** gamma``, and
     ``L = sum_{b,c,h,w} l * M / (sum_{b,h,w} M + 1e-5) / C``: the mean over masked pixels and
@@ -80,7 +84,7 @@ def focal_frequency_loss(
     alpha: float = 1.0,
     unmask_weight: float = 0.001,
 ) -> Tensor:
-    """Focal frequency loss on the blended reconstruction (spec cmid.md 5.4).
+    """Focal frequency loss on the blended reconstruction (``docs/cmid.md#reconstruction-loss``).
 
     Blend: ``M_f = M + w (1 - M)``, ``x_rep = (stopgrad(y) + x) / 2``,
     ``y' = y M_f + x_rep (1 - M_f)``. Spectra: orthonormal 2-D FFT per channel, averaged over
@@ -115,7 +119,7 @@ def focal_frequency_loss(
 
 
 def mim_loss(pred: Tensor, target: Tensor, mask: Tensor, fft_weight: float = 1.0) -> Tensor:
-    """Reconstruction loss of one view: focal-L1 on masked pixels plus weighted FFL (spec 5.5).
+    """Reconstruction loss of one view: focal-L1 on masked pixels plus weighted FFL (docs/cmid.md).
 
     Args:
         pred: Reconstruction, shape (B, C, H, W).
@@ -134,7 +138,7 @@ def mim_loss(pred: Tensor, target: Tensor, mask: Tensor, fft_weight: float = 1.0
 def teacher_temperature(
     epoch: int, warmup_temp: float = 0.04, final_temp: float = 0.07, warmup_epochs: int = 50
 ) -> float:
-    """DINO teacher temperature of a 0-based epoch (spec cmid.md 17.1, D5).
+    """DINO teacher temperature of a 0-based epoch (``docs/cmid.md#local-branch``).
 
     ``linspace(warmup_temp, final_temp, warmup_epochs)[epoch]`` during warm-up, then
     ``final_temp``. Indexed by the current epoch (the official ResNet config ran one epoch
@@ -162,7 +166,10 @@ class DINOLoss(nn.Module):
     ``L = mean_tokens sum_k -softmax((t - c) / tau_t)_k * log_softmax(s / tau_s)_k``, teacher
     probabilities without gradient. The centre ``c`` is an EMA of the mean teacher logits,
     updated only by :meth:`update_center`, once per step after all loss terms of the step
-    (spec D4: the official code updated it inside each of the two loss calls).
+    (the official code updated it inside each of the two loss calls, ``docs/cmid.md#deviations``).
+
+    Hand-written: lightly's ``DINOLoss`` repeats that defect (it updates the centre in
+    ``forward``) and skips same-index view pairs, which are the matched pairs here.
     """
 
     center: Tensor

@@ -1,9 +1,9 @@
 """Block-wise masks for masked image modelling, and the mean fill of masked pixels.
 
 CMID masks square blocks of ``mask_patch_size`` pixels (32 in the paper): a 224 px crop has a 7 x 7
-grid of cells of which exactly ``ceil(49 * 0.6) = 30`` are masked (spec cmid.md 4.1). The cell mask
-is resized to whatever grid a consumer needs: the encoder's stem grid (the token mask, 56 x 56 at
-224 px) or the pixel grid (for the mean fill and the reconstruction loss).
+grid of cells of which exactly ``ceil(49 * 0.6) = 30`` are masked (``docs/cmid.md#masking``). The
+cell mask is resized to whatever grid a consumer needs: the encoder's stem grid (the token mask, 56
+x 56 at 224 px) or the pixel grid (for the mean fill and the reconstruction loss).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def block_mask(
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     if not 0 < ratio < 1:
-        raise InputError('--mask-ratio', f'must be between 0 and 1 (exclusive), got {ratio}')
+        raise InputError('task.mask_ratio', f'must be between 0 and 1 (exclusive), got {ratio}')
     if height % mask_patch_size or width % mask_patch_size:
         raise InputError(
             '--patch-size',
@@ -106,8 +106,8 @@ def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
 def mean_fill(x: Tensor, mask: Tensor, valid: Tensor | None = None) -> Tensor:
     """Replace masked pixels by the per-image, per-channel mean: ``x * (1 - M) + mu_c(x) * M``.
 
-    As in CMID/A2MIM (spec cmid.md 4.2) the fill is applied to the already normalised crop, and
-    the mean runs over the whole crop, masked pixels included. For rasters with nodata, pass
+    As in CMID/A2MIM (``docs/cmid.md#masking``) the fill is applied to the already normalised crop,
+    and the mean runs over the whole crop, masked pixels included. For rasters with nodata, pass
     ``valid`` so that the mean runs over valid pixels only: nodata pixels hold arbitrary fill
     values that would otherwise drag the mean. ``valid`` only changes the mean; which pixels are
     filled is decided by ``mask`` alone. An image without any valid pixel gets a zero mean.

@@ -1,12 +1,13 @@
 """Position matching of the last-stage tokens of two crops, by where they lie in the patch.
 
 CMID's local branch pairs each token of one view with the nearest token of the other view and keeps
-the ``num_matches`` closest pairs (spec cmid.md 7.1, 7.2). geocmid fixes defect D2 of the official
-code (spec cmid.md 17.1): the official location grids used albumentations' fractional start values
-as pixel offsets, which dropped the crop offsets, so two crops of equal size matched position to
-position wherever they were cut. Here the cell centres of both token grids are placed in one common
-frame, the pixel coordinates of the source patch, from each crop's true box and flip flag (see
-:class:`geocmid.transforms.augment.CropGeometry`), so tokens are matched by true geometric overlap.
+the ``num_matches`` closest pairs (``docs/cmid.md#local-branch``). geocmid fixes a defect of the
+official code (``docs/cmid.md#deviations``): the official location grids used albumentations'
+fractional start values as pixel offsets, which dropped the crop offsets, so two crops of equal size
+matched position to position wherever they were cut. Here the cell centres of both token grids are
+placed in one common frame, the pixel coordinates of the source patch, from each crop's true box and
+flip flag (see :class:`geocmid.transforms.augment.CropGeometry`), so tokens are matched by true
+geometric overlap.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def match_tokens(
     For each token i of a, its nearest neighbour j*(i) in b by Euclidean distance between cell
     centres; then the ``num_matches`` tokens of a with the smallest nearest-neighbour distance
     (capped at the number of tokens). Ties keep the lower token index; the kept tokens are returned
-    in raster order (spec cmid.md 7.2). This is geocmid's fix of defect D2: the centres carry each
-    crop's true offset, size and flip (:func:`cell_centres`).
+    in raster order (``docs/cmid.md#local-branch``). This is geocmid's fix of the official
+    matching: the centres carry each crop's true offset, size and flip (:func:`cell_centres`).
 
     Args:
         centres_a: (B, Na, 2) cell centres of view a.

@@ -1,7 +1,8 @@
 """EMA teachers and the key queue of negatives, shared by CMID and GeRSP.
 
-CMID: cosine momentum schedule 0.996 -> 1 and a 65,536-key queue (spec cmid.md 6.3, 8, D3, D7).
+CMID: cosine momentum schedule 0.996 -> 1 and a 65,536-key queue (``docs/cmid.md#teacher``).
 GeRSP: constant momentum 0.999 (``cosine_momentum`` with ``base == final``) and its own queue.
+The EMA step itself is lightly's ``update_momentum`` (parameters only), called by the tasks.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ __all__ = (
     'copy_as_teacher',
     'cosine_momentum',
     'effective_queue_size',
-    'ema_update',
 )
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     """EMA momentum of a step: ``final - (final - base) * (cos(pi k / K) + 1) / 2``.
+
+    Hand-written: lightly's ``cosine_schedule`` divides by K - 1, not K, so it misses this curve.
 
     Args:
         step: Global step k, from 0.
@@ -44,39 +46,12 @@ def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: flo
 def copy_as_teacher(student: nn.Module) -> nn.Module:
     """Return an exact copy of ``student`` whose parameters receive no gradient.
 
-    Make the copy after all initialisation and weight loading (spec gersp.md G2). The copy keeps
-    the student's train/eval mode: the CMID teacher runs BatchNorm on batch statistics.
+    Make the copy after all initialisation and weight loading (``docs/gersp.md#deviations``). The
+    copy keeps the student's train/eval mode: the CMID teacher runs BatchNorm on batch statistics.
     """
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     return teacher
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """Average the student's parameters into the teacher's: ``t <- tau t + (1 - tau) s``.
-
-    Parameters only; buffers (BatchNorm statistics, the queue) are left untouched (spec 8).
-
-    Args:
-        teacher: EMA module, updated in place.
-        student: Module with the same parameter names and shapes.
-        momentum: tau, e.g. from :func:`cosine_momentum`.
-
-    Raises:
-        ValueError: If the two modules do not have the same parameters.
-    """
-    teacher_params = dict(teacher.named_parameters())
-    student_params = dict(student.named_parameters())
-    if teacher_params.keys() != student_params.keys():
-        raise ValueError('teacher and student have different parameters')
-    names = list(teacher_params)
-    # One fused multi-tensor kernel instead of one launch per parameter (as timm's ModelEmaV3).
-    torch._foreach_lerp_(
-        [teacher_params[name] for name in names],
-        [student_params[name].detach() for name in names],
-        1 - momentum,
-    )
 
 
 def _gather(keys: Tensor) -> Tensor:
@@ -91,10 +66,14 @@ def _gather(keys: Tensor) -> Tensor:
 class KeyQueue(nn.Module):
     """FIFO queue of negative keys, stored as a (D, K) buffer for ``q @ keys``.
 
-    Initial keys are standard normal, each normalised to unit length (MoCo convention, spec
-    17.2). :meth:`enqueue` gathers the new keys once across devices (spec D3) and writes them
-    with wrap-around, so the size need not be a multiple of the keys per step. All devices hold
-    the same queue as long as they start from the same one (DDP broadcasts buffers from rank 0).
+    Hand-written: lightly's ``MemoryBankModule`` drops the keys that overrun the end of the bank
+    instead of wrapping around, and does not save the bank in checkpoints.
+
+    Initial keys are standard normal, each normalised to unit length (MoCo convention,
+    ``docs/cmid.md#deviations``). :meth:`enqueue` gathers the new keys once across devices and
+    writes them with wrap-around, so the size need not be a multiple of the keys per step. All
+    devices hold the same queue as long as they start from the same one (DDP broadcasts buffers from
+    rank 0).
     """
 
     keys: Tensor
@@ -131,7 +110,7 @@ class KeyQueue(nn.Module):
 
 
 def effective_queue_size(configured: int, keys_per_epoch: int) -> tuple[int, bool]:
-    """Cap the queue size at the keys enqueued per epoch (spec D7).
+    """Cap the queue size at the keys enqueued per epoch (``docs/cmid.md#deviations``).
 
     A larger queue would hold keys computed by teachers from earlier epochs, including each
     image's own earlier keys as negatives. No rounding to the keys per step is needed because
@@ -149,7 +128,7 @@ def effective_queue_size(configured: int, keys_per_epoch: int) -> tuple[int, boo
         ValueError: If ``keys_per_epoch`` is not positive.
     """
     if configured <= 0:
-        raise InputError('--queue-size', f'must be positive, got {configured}')
+        raise InputError('task.queue_size', f'must be positive, got {configured}')
     if keys_per_epoch <= 0:
         raise ValueError(f'keys_per_epoch must be positive, got {keys_per_epoch}')
     size = min(configured, keys_per_epoch)

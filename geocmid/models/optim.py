@@ -1,7 +1,7 @@
 """Optimiser for pre-training: weight-decay groups, Adan, warm-up + cosine LR, LR scaling.
 
-Follows spec cmid.md 10.1-10.2 with the weight-decay fix D6 and the explicit scaling rule of
-section 17.2.
+Follows ``docs/cmid.md#optimisation``, with the weight-decay groups and the explicit scaling rule
+listed in ``docs/cmid.md#deviations``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ __all__ = (
 )
 
 #: Parameter-name patterns without weight decay besides biases and 1-D (normalisation) tensors.
-#: The official code decayed the first two (spec D6); the absolute position embedding of a Swin
-#: is excluded for the same reason timm excludes it.
+#: The official code decayed the first two (docs/cmid.md#deviations); the absolute position
+#: embedding of a Swin is excluded for the same reason timm excludes it.
 NO_WEIGHT_DECAY = ('*mask_token', '*relative_position_bias_table', '*absolute_pos_embed')
 
 LRScaling = Literal['none', 'linear', 'sqrt']
@@ -93,7 +93,7 @@ def scale_lr(base_lr: float, batch_size: int, rule: LRScaling, reference: int = 
             return base_lr * ratio
         case 'sqrt':
             return base_lr * math.sqrt(ratio)
-    raise InputError('--lr-scaling', f"must be 'none', 'linear' or 'sqrt', got {rule!r}")
+    raise InputError('task.lr_scaling', f"must be 'none', 'linear' or 'sqrt', got {rule!r}")
 
 
 def warmup_cosine(
@@ -106,9 +106,13 @@ def warmup_cosine(
 ) -> float:
     """Learning rate of a step: per-step cosine to ``min_lr`` with a linear warm-up.
 
-    As the official mmcv schedule (spec 10.2): the cosine runs over all steps, warm-up included,
+    As the official mmcv schedule (docs/cmid.md#optimisation): the cosine runs over all steps,
+    warm-up included,
     ``cos_k = min + (peak - min) (1 + cos(pi k / K)) / 2``, and during the first ``warmup_steps``
     it is multiplied by a factor rising linearly from ``warmup_factor`` to 1.
+
+    Hand-written: timm's ``CosineLRScheduler`` and lightly's ``CosineWarmupScheduler`` ramp
+    linearly to the peak, not to the decaying cosine, so they differ during warm-up.
 
     Args:
         step: Global step k, from 0.

@@ -6,11 +6,12 @@ it. The importers turn the released checkpoints into that layout:
 
 * ``cmid-resnet50``: CMID ResNet-50, a backbone-only file (timm/torchvision keys) or a full
   pre-training checkpoint, from which the student (``online_encoder.model.*``) is taken, as the
-  official ``extract.py`` does (cmid.md 11.2-11.4, 11.7).
+  official ``extract.py`` does (``docs/cmid.md#released-weights``).
 * ``cmid-swin-b``: CMID Swin-B in the mmcls layout, renamed to timm's
-  ``swin_base_patch4_window7_224`` with the PatchMerging channels reordered (cmid.md 11.5, 11.6).
+  ``swin_base_patch4_window7_224`` with the PatchMerging channels reordered
+  (``docs/cmid.md#released-weights``).
 * ``gersp-resnet50``: GeRSP ResNet-50, an mmcv checkpoint whose ``state_dict`` holds the backbone
-  under ``backbone.*`` (gersp.md 6).
+  under ``backbone.*`` (``docs/gersp.md#checkpoints``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from geocmid.errors import InputError
 from geocmid.io.atomic import atomic_output, check_writable
 from geocmid.io.cards import ModelCard, card_path, default_band_names, read_card, write_card
+from geocmid.raster.bands import RGB_BAND_NAMES
 
 #: File name of an encoder inside a run folder.
 ENCODER_NAME = 'encoder.pt'
@@ -50,10 +52,9 @@ IMPORT_FORMATS: tuple[str, ...] = typing.get_args(ImportFormat)
 # The released weights take 8-bit RGB. Their normalisation is stored on the card in 8-bit units
 # (the official [0, 1] statistics x 255), because geocmid normalises raw pixel values:
 # (x - 255 m) / (255 s) equals the official (x / 255 - m) / s.
-_RGB_BANDS = ['red', 'green', 'blue']
-_CMID_MEAN = (0.33797, 0.3605, 0.3348)  # cmid.md 9: the hard-coded RS statistics
+_CMID_MEAN = (0.33797, 0.3605, 0.3348)  # the official hard-coded RS statistics
 _CMID_STD = (0.1359, 0.1352, 0.1407)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # gersp.md 4.2: GeRSP normalises with ImageNet statistics
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # GeRSP normalises with ImageNet statistics
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Downsampling parameters of an mmcls Swin stage: PatchMerging's norm and bias-free reduction.
@@ -61,7 +62,7 @@ _DOWNSAMPLE = re.compile(r'stages\.(\d+)\.downsample\.(norm\.weight|norm\.bias|r
 
 # Order of the 2 x 2 neighbourhood in the merged channels: mmcv's unfold-based PatchMerging
 # indexes channel 4c + p with p over (0,0), (0,1), (1,0), (1,1); official Swin and timm index
-# qC + c with q over (0,0), (1,0), (0,1), (1,1) (cmid.md 11.6). Position q of timm is p = _PI[q].
+# qC + c with q over (0,0), (1,0), (0,1), (1,1) (docs/cmid.md). Position q of timm is p = _PI[q].
 _PI = (0, 2, 1, 3)
 
 
@@ -79,12 +80,12 @@ class _Release:
 
 
 def _resnet_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    # The ResNet-50 keys already are timm's; only a classifier, if any, is dropped (cmid.md 11.4).
+    # The ResNet-50 keys already are timm's; only a classifier, if any, is dropped.
     return {k: v for k, v in state.items() if not k.startswith('fc.')}
 
 
 def swin_mmcls_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename an mmcls/mmseg Swin state dict to timm's layout (cmid.md 11.5, 11.6).
+    """Rename an mmcls/mmseg Swin state dict to timm's layout (``docs/cmid.md#released-weights``).
 
     Stage ``i``'s downsampling moves to the start of stage ``i + 1`` (timm >= 0.9), the
     PatchMerging channels are reordered, and the ``relative_position_index`` buffers are dropped
@@ -167,7 +168,7 @@ class _DiscardedObject(dict):
 
 
 # The CMID trainer pickles its MetricStroge (a dict of HistoryBuffer, each a deque of floats and
-# numpy scalars) into full checkpoints (cmid.md 11.2, 17.2). The class's module is
+# numpy scalars) into full checkpoints (docs/cmid.md#released-weights). The class's module is
 # Exploring.utils.metric; it is re-exported as Exploring.utils.MetricStroge.
 _STUBBED = {
     ('Exploring.utils', 'MetricStroge'),
@@ -241,7 +242,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     The file is read with ``torch.load(weights_only=True)`` first. Full CMID checkpoints pickle
     the official trainer's logging objects, which that refuses; they are then read with a
     restricted unpickler that replaces those objects with stand-ins and allows nothing else
-    beyond tensors, containers and numpy scalars (cmid.md 17.2).
+    beyond tensors, containers and numpy scalars (``docs/cmid.md#released-weights``).
 
     Args:
         path: The checkpoint file.
@@ -278,6 +279,59 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, Any]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+# Lines of torch's weights-only error that give advice (among which: load with
+# weights_only=False, i.e. run the file's code) rather than say what is wrong with the file.
+_TORCH_ADVICE = ('Weights only load failed', 'Please file an issue', 'Check the documentation')
+
+
+def unpickling_problem(exc: BaseException, what: str) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused a file, without torch's advice.
+
+    Args:
+        exc: The exception ``torch.load`` raised.
+        what: What the file should have been, e.g. ``'an encoder state dict'``.
+
+    Returns:
+        ``'refusing to unpickle posix.system: ...'`` for a file that pickles code, else
+        ``'not <what> (<torch's reason>)'``.
+    """
+    text = str(exc)
+    if match := re.search(r'GLOBAL ([\w.]+)', text):
+        return f'refusing to unpickle {match[1]}: only tensors and containers are read'
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(_TORCH_ADVICE)]
+    reason = reasons[0].removeprefix('WeightsUnpickler error:').strip() if reasons else ''
+    return f'not {what} ({reason or type(exc).__name__})'
+
+
+def load_tensors(path: str | os.PathLike[str], what: str) -> Mapping[str, Any]:
+    """Read a dictionary saved with ``torch.save`` without ever running code from it.
+
+    Args:
+        path: The file.
+        what: What it should hold, for errors, e.g. ``'an encoder state dict'``.
+
+    Returns:
+        The dictionary, its tensors on the CPU.
+
+    Raises:
+        InputError: The file is missing, is not a PyTorch file, pickles anything but tensors and
+            containers, or does not hold a dictionary.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, 'no such file' if not path.exists() else 'not a file')
+    # Unpickling bytes that are not a checkpoint fails with almost any exception type (IndexError,
+    # KeyError, ...), so every failure to read counts as bad input here.
+    try:
+        contents = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a bad file
+        raise InputError(path, unpickling_problem(exc, what)) from None
+    if not isinstance(contents, Mapping):
+        raise InputError(path, f'not {what}: holds a {type(contents).__name__}, not a dict')
+    return contents
 
 
 def convert_checkpoint(
@@ -320,7 +374,7 @@ def _backbone_state(checkpoint: Mapping[str, Any], release: _Release) -> dict[st
             for k, v in state.items()
             if isinstance(k, str) and k.startswith(release.prefix)
         }
-    # The stage-0 mask token belongs to CMID's masked wrapper, not to the encoder (cmid.md 11.3).
+    # The stage-0 mask token belongs to CMID's masked wrapper, not to the encoder.
     state = {k: v for k, v in state.items() if k != 'mask_token'}
     if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         return state  # not a state dict: the mismatch check names the odd entries
@@ -450,12 +504,7 @@ def load_encoder(
     if bands is not None and list(bands) != card.bands:
         raise InputError(spec, f'encoder takes bands {card.bands}, {list(bands)} requested')
     model = _create(card, card_path(weights))
-    try:
-        state = torch.load(weights, map_location='cpu', weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a bad file
-        raise InputError(weights, f'not an encoder state dict ({_first_line(exc)})') from None
-    if not isinstance(state, Mapping):
-        raise InputError(weights, f'not an encoder state dict: holds a {type(state).__name__}')
+    state = load_tensors(weights, 'an encoder state dict')
     problem = state_dict_mismatch(model.state_dict(), state)
     if problem:
         raise InputError(
@@ -538,7 +587,7 @@ def import_weights(
     card = ModelCard(
         method=release.method,
         backbone=release.backbone,
-        bands=list(_RGB_BANDS),
+        bands=list(RGB_BAND_NAMES),
         band_indices=[1, 2, 3],
         mean=[round(255 * m, 6) for m in release.mean],
         std=[round(255 * s, 6) for s in release.std],

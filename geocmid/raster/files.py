@@ -2,7 +2,7 @@
 
 Every problem with an input raster is raised here as :class:`~geocmid.errors.InputError`
 naming the file, the first time the file is looked at. Nothing is skipped silently (TorchGeo's
-``RasterDataset`` skips unreadable files, spec R11).
+``RasterDataset`` skips unreadable files, ``docs/data.md#rasters``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from geocmid.errors import InputError
+from geocmid.raster.locations import (
+    gdal_path,
+    is_location,
+    is_remote,
+    location_name,
+    remote_env,
+    remote_reason,
+)
 from geocmid.raster.stats import BandStats, sample_windows
 from geocmid.types import PathLike
 
@@ -59,7 +67,11 @@ def find_rasters(paths: PathLike | Iterable[PathLike]) -> list[Path]:
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     found: set[Path] = set()
-    for path in map(Path, paths):
+    for given in paths:
+        if is_location(given):  # a URL or GDAL path: opened (and checked) as given
+            found.add(Path(gdal_path(given)))
+            continue
+        path = Path(given)
         if path.is_dir():
             rasters = [
                 candidate
@@ -96,18 +108,29 @@ def open_raster(path: PathLike) -> DatasetReader:
         The open dataset; the caller closes it.
 
     Raises:
-        InputError: missing, not a raster GDAL can read, truncated or corrupt, complex-valued,
-            or without raster bands.
+        InputError: missing, named with bytes that are not UTF-8, not a raster GDAL can read,
+            truncated or corrupt, complex-valued, or without raster bands.
     """
-    if not Path(path).is_file():
+    if is_location(path):
+        path = gdal_path(path)
+    elif not Path(path).is_file():
         raise InputError(path, 'no such file')
+    try:
+        os.fspath(path).encode('utf-8')
+    except UnicodeEncodeError:
+        # GDAL takes UTF-8 names only; the name is shown with its odd bytes escaped.
+        shown = os.fsencode(path).decode('utf-8', 'backslashreplace')
+        raise InputError(shown, 'file name is not valid UTF-8; rename the file') from None
     try:
         with warnings.catch_warnings():
             # Missing georeferencing is the caller's call (`info` describes such rasters,
             # datasets reject them through require_georeferencing), not a warning.
             warnings.simplefilter('ignore', NotGeoreferencedWarning)
-            src = rasterio.open(path)
+            with remote_env(path):
+                src = rasterio.open(path)
     except RasterioError as exc:
+        if is_remote(path):
+            raise InputError(location_name(path), remote_reason(str(exc))) from None
         raise InputError(path, f'not a readable raster ({_gdal_reason(exc, path)})') from None
     try:
         if src.count == 0:
@@ -124,6 +147,8 @@ def open_raster(path: PathLike) -> DatasetReader:
         src.read(window=last)
     except RasterioError as exc:
         src.close()
+        if is_remote(path):
+            raise InputError(location_name(path), remote_reason(str(exc))) from None
         raise InputError(path, f'corrupt or truncated raster ({_gdal_reason(exc, path)})') from None
     except BaseException:
         src.close()
@@ -209,9 +234,10 @@ def crs_name(crs: CRS | None) -> str:
 class ValidityRule:
     """How a raster marks pixels without data.
 
-    A pixel is valid only where every selected band is valid (spec R4.1). Validity comes from,
-    in this order: a nodata value given by the user, the raster's nodata value, its GDAL mask
-    bands (an alpha band or an internal/external mask), else every pixel is valid.
+    A pixel is valid only where every selected band is valid (``docs/data.md#validity``).
+    Validity comes from, in this order: a nodata value given by the user, the raster's nodata
+    value, its GDAL mask bands (an alpha band or an internal/external mask), else every pixel
+    is valid; and NaN is never valid. Warped views follow :func:`geocmid.raster.grid.validity_of`.
 
     Attributes:
         nodata: pixels equal to this value (NaN matches NaN) are invalid.
@@ -254,7 +280,7 @@ class ValidityRule:
             indexes: the selected bands (1-based).
             window: the window read; None for the whole raster.
             data: the pixels already read from ``window``, if any, so a nodata comparison
-                does not read them again.
+                does not read them again; floating-point data is also invalid where NaN.
 
         Returns:
             True where every selected band holds data.
@@ -272,15 +298,18 @@ class ValidityRule:
             valid = data[0] != self.nodata
             for band in data[1:]:
                 valid &= band != self.nodata
-            return valid
-        if self.alpha is not None:
-            return src.read(self.alpha, window=window) > 0
-        if self.masks:
+        elif self.alpha is not None:
+            valid = src.read(self.alpha, window=window) > 0
+        elif self.masks:
             read = indexes[:1] if self.per_dataset else indexes
-            return src.read_masks(list(read), window=window).all(axis=0)
-        if window is None:
-            return np.ones((src.height, src.width), dtype=bool)
-        return np.ones((int(window.height), int(window.width)), dtype=bool)
+            valid = src.read_masks(list(read), window=window).all(axis=0)
+        elif window is None:
+            valid = np.ones((src.height, src.width), dtype=bool)
+        else:
+            valid = np.ones((int(window.height), int(window.width)), dtype=bool)
+        if data is not None and data.dtype.kind == 'f':  # NaN is never data
+            valid &= ~np.isnan(data).any(axis=0)
+        return valid
 
 
 def alpha_band(src: DatasetReader) -> int | None:

@@ -1,1 +1,1 @@
-"""runs"""
+"""Training runs: run folders, the pretraining and fine-tuning runners, their artefacts."""

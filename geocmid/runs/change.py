@@ -1,10 +1,10 @@
-"""Change-detection fine-tuning runs: what change adds to the shared run machinery.
+"""Change-detection fine-tuning: what change adds to the shared runner.
 
-The run folder, trainer and export come from :mod:`geocmid.runs.folders` and
-:mod:`geocmid.runs.segmentation` (``model.ckpt``, ``model_card.json``, ``config.yaml`` and CSV
-``logs/``); this module supplies the settings, the data module of labelled pairs
+The run folder, trainer, final validation and export are :mod:`geocmid.runs.finetune`'s; this
+module supplies the settings (:class:`ChangeConfig`), the data module of labelled pairs
 (:class:`~geocmid.datamodules.change.ChangeDataModule`), the siamese task
 (:class:`~geocmid.tasks.finetune.change.Change`) and the card of a change model.
+:func:`geocmid.runs.artefacts.load_change_model` loads the result.
 """
 
 from __future__ import annotations
@@ -13,31 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning.pytorch.utilities import rank_zero_only
-from pyproj import CRS
-from torch import nn
-
 from geocmid.datamodules.change import ChangeDataModule
 from geocmid.datasets.change_patches import PairRegion
 from geocmid.datasets.pairs import align_pair
-from geocmid.errors import InputError
-from geocmid.io.cards import ClassInfo, ModelCard
+from geocmid.io.cards import CHANGE_CLASSES, ModelCard
 from geocmid.runs.config import to_plain
-from geocmid.runs.folders import Precision, check_run_dir, metres_per_pixel
-from geocmid.runs.segmentation import (
-    EncoderInit,
-    RunResult,
-    encoder_init,
-    export_run,
-    fit,
-    load_trained,
-    start_run,
-)
+from geocmid.runs.finetune import EncoderInit, FineTune, run_finetune
+from geocmid.runs.folders import Precision
+from geocmid.runs.result import RunResult
 from geocmid.tasks.finetune.change import Change
-from geocmid.types import PathLike
-
-#: Classes of a binary change model and of its change raster: 0 no change, 1 change.
-CHANGE_CLASSES = (ClassInfo('no_change', (0, 0, 0)), ClassInfo('change', (230, 25, 75)))
 
 
 @dataclass(frozen=True)
@@ -55,7 +39,8 @@ class ChangeConfig:
         decoder: 'fcsiamdiff' or 'fcsiamconc'.
         bands: 1-based bands to read from both images; default all. Their number must match
             the encoder's.
-        freeze_encoder: Train the decoder only.
+        freeze_encoder: Train the decoder only; the encoder keeps its weights and its BatchNorm
+            statistics (see :mod:`geocmid.tasks.finetune.encoder`).
         epochs: Training epochs (20 when neither limit is set).
         max_steps: Optimiser steps; training stops at whichever limit comes first.
         batch_size: Patches per device per step.
@@ -67,7 +52,10 @@ class ChangeConfig:
         lr: Learning rate (AdamW).
         loss: 'bce' (ignoring nodata), 'focal', 'dice' or 'jaccard'.
         pos_weight: Weight of change pixels in the 'bce' loss (changes are usually rare).
-        devices: Number of devices; more than one trains with DDP.
+        devices: Number of devices per node; more than one in all trains with DDP.
+        num_nodes: Number of machines (Lightning finds them through SLURM or torchrun).
+        checkpoint_every: How often ``checkpoints/last.ckpt`` is replaced: steps (``500``)
+            or a duration (``10min``); by default 10 minutes of training or each epoch.
         accelerator: Lightning accelerator ('auto', 'cpu', 'gpu', ...).
         precision: Numeric precision passed to Lightning.
         workers: Data-loading worker processes per device.
@@ -93,6 +81,8 @@ class ChangeConfig:
     loss: Literal['bce', 'focal', 'dice', 'jaccard'] = 'bce'
     pos_weight: float | None = None
     devices: int = 1
+    num_nodes: int = 1
+    checkpoint_every: int | str | None = None
     accelerator: str = 'auto'
     precision: Precision = 'auto'
     workers: int = 0
@@ -121,65 +111,69 @@ def train_change(
             or data-type mismatch, unusable label), encoder bands that differ from the images'
             bands, or an existing run folder without ``overwrite``.
     """
-    for name in ('pairs', 'output'):
-        if getattr(config, name) is None:
-            raise InputError(f'--{name}', 'is required')
-    run_dir = Path(config.output)  # type: ignore[arg-type]
-    if rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 has filled the folder
-        check_run_dir(run_dir, overwrite=overwrite)
-    encoder = encoder_init(config.encoder, config.backbone)
-    data = ChangeDataModule(
-        config.pairs,  # type: ignore[arg-type]
-        bands=config.bands,
-        mean=encoder.mean,
-        std=encoder.std,
-        patch_size=config.patch_size,
-        batch_size=config.batch_size,
-        length=config.samples_per_epoch,
-        num_workers=config.workers,
-        val_fraction=config.val_fraction,
-        nodata=config.nodata,
-        seed=config.seed,
-    )
-    weights = encoder.weights(data.in_channels, 'the pairs')
-    start_run(run_dir, config, overwrite=overwrite)
-    task = Change(
-        model=config.decoder,
-        backbone=encoder.backbone,
-        backbone_kwargs=encoder.backbone_kwargs,
-        weights=weights,
-        in_channels=data.in_channels,
-        loss=config.loss,
-        pos_weight=config.pos_weight,
-        lr=config.lr,
-        freeze_backbone=config.freeze_encoder,
-    )
-    trainer = fit(run_dir, config, task, data, validate=bool(data.val_regions), progress=progress)
-    return export_run(trainer, run_dir, _change_card(config, data, encoder))
+    return run_finetune(ChangeRun(), config, overwrite=overwrite, progress=progress)
 
 
-def load_change_model(run_dir: PathLike) -> tuple[nn.Module, ModelCard]:
-    """The trained network of a change run, ready for whole-scene inference.
+class ChangeRun(FineTune[ChangeConfig, ChangeDataModule]):
+    """Change's part of a fine-tuning run (see :class:`~geocmid.runs.finetune.FineTune`)."""
 
-    Args:
-        run_dir: A run folder written by :func:`train_change`.
+    required = ('pairs', 'output')
+    source = 'the pairs'
 
-    Returns:
-        The network in eval mode, mapping normalised ``(B, 2, C, h, w)`` pairs to change
-        logits ``(B, 1, h, w)`` (normalise with the card's ``mean`` and ``std``), and the card.
+    def datamodule(self, config: ChangeConfig, encoder: EncoderInit) -> ChangeDataModule:
+        """Patches of the labelled pairs, split by pair (by rows, for a single pair)."""
+        return ChangeDataModule(
+            config.pairs,  # type: ignore[arg-type]
+            bands=config.bands,
+            mean=encoder.mean,
+            std=encoder.std,
+            patch_size=config.patch_size,
+            batch_size=config.batch_size,
+            length=config.samples_per_epoch,
+            num_workers=config.workers,
+            val_fraction=config.val_fraction,
+            nodata=config.nodata,
+            seed=config.seed,
+        )
 
-    Raises:
-        InputError: No card or checkpoint, a card of another task, or an unreadable checkpoint.
-    """
-    task, card = load_trained(run_dir, Change, 'change', '; pass an encoder with --encoder')
-    return task.model.eval(), card
+    def in_channels(self, data: ChangeDataModule) -> int:
+        """Bands per image."""
+        return data.in_channels
+
+    def validates(self, data: ChangeDataModule) -> bool:
+        """Whether pairs (or rows) are held out."""
+        return bool(data.val_regions)
+
+    def task(
+        self,
+        config: ChangeConfig,
+        encoder: EncoderInit,
+        weights: dict[str, Any] | None,
+        data: ChangeDataModule,
+    ) -> Change:
+        """The siamese change task."""
+        return Change(
+            model=config.decoder,
+            backbone=encoder.backbone,
+            backbone_kwargs=encoder.backbone_kwargs,
+            weights=weights,
+            in_channels=data.in_channels,
+            loss=config.loss,
+            pos_weight=config.pos_weight,
+            lr=config.lr,
+            freeze_backbone=config.freeze_encoder,
+        )
+
+    def card(self, config: ChangeConfig, data: ChangeDataModule, encoder: EncoderInit) -> ModelCard:
+        """The card: bands, normalisation, classes, tile, provenance."""
+        return _change_card(config, data, encoder)
 
 
 def _change_card(config: ChangeConfig, data: ChangeDataModule, encoder: EncoderInit) -> ModelCard:
     """The card of a trained change model: bands, normalisation, classes, tile, provenance."""
     first = data.regions[0].record
     with align_pair(first.before, first.after, allow_ungeoreferenced=True) as pair:
-        crs, res = pair.crs, abs(pair.transform.a)
+        resolution = pair.ground_resolution
     if encoder.card is not None:
         bands = list(encoder.card.bands)
     else:  # placeholder names that say which source band each channel is
@@ -193,7 +187,7 @@ def _change_card(config: ChangeConfig, data: ChangeDataModule, encoder: EncoderI
         mean=data.mean.tolist(),
         std=data.std.tolist(),
         patch_size=config.patch_size,
-        resolution=None if crs is None else metres_per_pixel(CRS.from_user_input(crs), res),
+        resolution=resolution,
         data={
             'pairs': [_summary(region) for region in data.regions],
             'split': {

@@ -1,46 +1,32 @@
-"""Scene classification: fine-tuning on labelled chip folders, and prediction of chip folders.
+"""Scene-classification fine-tuning: what classification adds to the shared runner.
 
-A classification run folder has the layout of every fine-tuning run (see
-:mod:`geocmid.runs.segmentation`, whose run-folder machinery it shares): ``config.yaml``, ``logs/``
-(loss and overall, average and per-class accuracy per epoch), ``model.ckpt`` and
-``model_card.json`` (bands, normalisation, patch size, classes, encoder provenance).
+The run folder, trainer, final validation and export are :mod:`geocmid.runs.finetune`'s; this
+module supplies the settings (:class:`ClassifyConfig`), the data module of labelled chip folders
+(:class:`~geocmid.datamodules.classification.ChipClassificationDataModule`), the task
+(:class:`~geocmid.tasks.finetune.classification.SceneClassification`) and the card (chip bands,
+normalisation, patch size, classes). Run folders are predicted with
+:func:`geocmid.inference.products.classify.classify_folder`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import pandas as pd
-import torch
-from torch import nn
+from typing import Any, Literal
 
 from geocmid.datamodules.classification import (
     ChipClassificationDataModule,
-    LabelledChips,
     chip_normalisation,
     labelled_chips,
-    select_bands,
 )
-from geocmid.datasets.chips import ChipFolder
-from geocmid.errors import InputError
-from geocmid.evaluation.evaluate import DEFAULT_SIZE, extract_features
-from geocmid.io.atomic import atomic_output, check_writable
+from geocmid.evaluation.features import DEFAULT_SIZE
 from geocmid.io.cards import ClassInfo, ModelCard, default_band_names
 from geocmid.io.cog import default_classes
 from geocmid.runs.config import to_plain
-from geocmid.runs.folders import Precision, build_trainer, check_run_dir
-from geocmid.runs.segmentation import (
-    EncoderInit,
-    RunResult,
-    encoder_init,
-    export_run,
-    load_trained,
-    start_run,
-)
+from geocmid.runs.finetune import EncoderInit, FineTune, run_finetune
+from geocmid.runs.folders import Precision
+from geocmid.runs.result import RunResult
 from geocmid.tasks.finetune.classification import SceneClassification
-from geocmid.types import PathLike
 
 
 @dataclass(frozen=True)
@@ -59,15 +45,20 @@ class ClassifyConfig:
         split: Share of each class used for training when ``images`` is split.
         patch_size: Side the chips are resized to; default the encoder card's patch size,
             else 224.
-        freeze_encoder: Train the classifier only.
+        freeze_encoder: Train the classifier only; the encoder keeps its weights and its
+            BatchNorm statistics (see :mod:`geocmid.tasks.finetune.encoder`).
         epochs: Training epochs (20 when neither ``epochs`` nor ``max_steps`` is set).
         max_steps: Optimiser steps; training stops at whichever limit comes first.
-        batch_size: Chips per step.
+        batch_size: Chips per device per step.
         lr: Learning rate (AdamW).
         loss: 'ce' or 'focal'.
+        devices: Number of devices per node; more than one in all trains with DDP.
+        num_nodes: Number of machines (Lightning finds them through SLURM or torchrun).
+        checkpoint_every: How often ``checkpoints/last.ckpt`` is replaced: steps (``500``)
+            or a duration (``10min``); by default 10 minutes of training or each epoch.
         accelerator: Lightning accelerator ('auto', 'cpu', 'gpu', ...).
         precision: Numeric precision passed to Lightning.
-        workers: Data-loading worker processes.
+        workers: Data-loading worker processes per device.
         seed: Random seed of the split, the initialisation and the augmentation.
         log_every_n_steps: How often the training loss is written to the CSV log.
     """
@@ -87,6 +78,9 @@ class ClassifyConfig:
     batch_size: int = 32
     lr: float = 1e-3
     loss: Literal['ce', 'focal'] = 'ce'
+    devices: int = 1
+    num_nodes: int = 1
+    checkpoint_every: int | str | None = None
     accelerator: str = 'auto'
     precision: Precision = 'auto'
     workers: int = 0
@@ -106,156 +100,96 @@ def train_classification(
 
     Returns:
         The paths written, the steps taken and the final metrics (``val_OverallAccuracy``
-        is the top-1 accuracy on the held-out chips).
+        is the top-1 accuracy of the final model on the held-out chips).
 
     Raises:
         InputError: Missing settings, an unusable encoder, a folder with one class, images
             of mixed band counts, bands that do not match the encoder, or an existing run
             folder without ``overwrite``.
     """
-    if config.output is None:
-        raise InputError('--output', 'is required')
-    run_dir = Path(config.output)
-    check_run_dir(run_dir, overwrite=overwrite)
-    encoder = encoder_init(config.encoder, config.backbone)
-    size = config.patch_size or (encoder.card and encoder.card.patch_size) or DEFAULT_SIZE
-    chips = labelled_chips(
-        config.images,
-        train=config.train,
-        test=config.test,
-        split=config.split,
-        seed=config.seed,
-        size=size,
-        bands=config.bands,
-    )
-    weights = encoder.weights(chips.in_channels, 'the images')
-    mean, std, _ = chip_normalisation(chips, encoder.mean, encoder.std, config.seed)
-    data = ChipClassificationDataModule(
-        chips, mean, std, batch_size=config.batch_size, num_workers=config.workers
-    )
-    start_run(run_dir, config, overwrite=overwrite)
-    task = SceneClassification(
-        model=encoder.backbone,
-        backbone_kwargs=encoder.backbone_kwargs,
-        weights=weights,
-        in_channels=chips.in_channels,
-        num_classes=len(chips.classes),
-        labels=list(chips.classes),
-        loss=config.loss,
-        lr=config.lr,
-        freeze_backbone=config.freeze_encoder,
-    )
-    trainer = build_trainer(
-        run_dir,
-        epochs=config.epochs,
-        max_steps=config.max_steps,
-        accelerator=config.accelerator,
-        precision=config.precision,
-        log_every_n_steps=config.log_every_n_steps,
-        progress=progress,
-    )
-    trainer.fit(task, datamodule=data)
-    card = _classification_card(config, chips, encoder, mean, std, size)
-    return export_run(trainer, run_dir, card)
+    return run_finetune(ClassificationRun(), config, overwrite=overwrite, progress=progress)
 
 
-def _classification_card(
-    config: ClassifyConfig,
-    chips: LabelledChips,
-    encoder: EncoderInit,
-    mean: list[float],
-    std: list[float],
-    size: int,
-) -> ModelCard:
-    """The card of a trained classifier: its chip bands, normalisation, size and classes."""
-    palette = default_classes(len(chips.classes))
-    return ModelCard(
-        method='supervised',
-        backbone=encoder.backbone,
-        backbone_kwargs=dict(encoder.backbone_kwargs),
-        bands=list(encoder.card.bands) if encoder.card else default_band_names(chips.in_channels),
-        band_indices=list(chips.bands),
-        mean=mean,
-        std=std,
-        patch_size=size,
-        data={**chips.source, 'train_chips': len(chips.train), 'val_chips': len(chips.test)},
-        config=to_plain(config),
-        task='classification',
-        classes=[ClassInfo(name, palette[i].color) for i, name in enumerate(chips.classes)],
-        provenance=encoder.provenance(),
-    )
+class ClassificationRun(FineTune[ClassifyConfig, ChipClassificationDataModule]):
+    """Classification's part of a fine-tuning run (see :class:`~geocmid.runs.finetune.FineTune`)."""
+
+    source = 'the images'
+
+    def datamodule(
+        self, config: ClassifyConfig, encoder: EncoderInit
+    ) -> ChipClassificationDataModule:
+        """The labelled chips, resized; normalised as the encoder was (else by the chips)."""
+        chips = labelled_chips(
+            config.images,
+            train=config.train,
+            test=config.test,
+            split=config.split,
+            seed=config.seed,
+            size=_size(config, encoder),
+            bands=config.bands,
+        )
+        mean, std, _ = chip_normalisation(chips, encoder.mean, encoder.std, config.seed)
+        return ChipClassificationDataModule(
+            chips, mean, std, batch_size=config.batch_size, num_workers=config.workers
+        )
+
+    def in_channels(self, data: ChipClassificationDataModule) -> int:
+        """Bands of the chips."""
+        return data.chips.in_channels
+
+    def validates(self, data: ChipClassificationDataModule) -> bool:
+        """Whether there are held-out chips."""
+        return len(data.chips.test_labels) > 0
+
+    def task(
+        self,
+        config: ClassifyConfig,
+        encoder: EncoderInit,
+        weights: dict[str, Any] | None,
+        data: ChipClassificationDataModule,
+    ) -> SceneClassification:
+        """The classification task: the encoder and a new linear classifier."""
+        return SceneClassification(
+            model=encoder.backbone,
+            backbone_kwargs=encoder.backbone_kwargs,
+            weights=weights,
+            in_channels=data.chips.in_channels,
+            num_classes=len(data.chips.classes),
+            labels=list(data.chips.classes),
+            loss=config.loss,
+            lr=config.lr,
+            freeze_backbone=config.freeze_encoder,
+        )
+
+    def card(
+        self, config: ClassifyConfig, data: ChipClassificationDataModule, encoder: EncoderInit
+    ) -> ModelCard:
+        """The card of a trained classifier: its chip bands, normalisation, size and classes."""
+        chips = data.chips
+        palette = default_classes(len(chips.classes))
+        return ModelCard(
+            method='supervised',
+            backbone=encoder.backbone,
+            backbone_kwargs=dict(encoder.backbone_kwargs),
+            bands=(
+                list(encoder.card.bands) if encoder.card else default_band_names(chips.in_channels)
+            ),
+            band_indices=list(chips.bands),
+            mean=data.mean.tolist(),
+            std=data.std.tolist(),
+            patch_size=_size(config, encoder),
+            data={
+                **chips.source,
+                'train_chips': len(chips.train_labels),
+                'val_chips': len(chips.test_labels),
+            },
+            config=to_plain(config),
+            task='classification',
+            classes=[ClassInfo(name, palette[i].color) for i, name in enumerate(chips.classes)],
+            provenance=encoder.provenance(),
+        )
 
 
-def load_classifier(run_dir: PathLike) -> tuple[nn.Module, ModelCard]:
-    """The trained network of a classification run.
-
-    Args:
-        run_dir: A run folder written by :func:`train_classification`.
-
-    Returns:
-        The network in eval mode, mapping normalised ``(B, C, h, w)`` chips (the card's
-        ``band_indices``, ``mean`` and ``std``, resized to ``patch_size``) to logits ``(B, K)``,
-        and the card.
-
-    Raises:
-        InputError: No card or checkpoint, a card of another task, or an unreadable checkpoint.
-    """
-    task, card = load_trained(run_dir, SceneClassification, 'classification')
-    return task.model.eval(), card
-
-
-def classify_folder(
-    model_dir: PathLike,
-    images: PathLike,
-    output: PathLike | None = None,
-    *,
-    batch_size: int = 32,
-    workers: int = 0,
-    device: torch.device | str = 'auto',
-    overwrite: bool = False,
-) -> pd.DataFrame:
-    """Predict the class of every chip in a folder (searched recursively).
-
-    Args:
-        model_dir: A classification run folder.
-        images: The chips; they need the bands the card's ``band_indices`` name.
-        output: CSV file to write; None only returns the table.
-        batch_size: Chips per forward pass.
-        workers: Data-loading worker processes.
-        device: Where the model runs; ``'auto'`` picks CUDA when available.
-        overwrite: Replace an existing ``output``.
-
-    Returns:
-        One row per chip, in sorted path order: ``path`` (relative to ``images``), ``class``
-        (the predicted name), ``probability`` (its softmax probability), then the probability
-        of every class in columns named ``p_<class>``.
-
-    Raises:
-        InputError: A bad run folder, an unreadable chip, mixed band counts, chips lacking
-            the model's bands, or an existing ``output`` without ``overwrite``.
-    """
-    if output is not None:
-        check_writable(output, overwrite)
-    model, card = load_classifier(model_dir)
-    assert card.classes is not None and card.mean is not None and card.std is not None
-    chips = ChipFolder(images, size=card.patch_size)
-    select_bands(chips, card.band_indices)
-    # The classifier's outputs are its logits; extract_features runs any model on normalised chips.
-    logits = extract_features(
-        model, chips, card.mean, card.std, batch_size=batch_size, workers=workers, device=device
-    )
-    probabilities = logits.double().softmax(dim=1)
-    best, index = probabilities.max(dim=1)
-    names = [c.name for c in card.classes]
-    table = pd.DataFrame(
-        {
-            'path': [path.relative_to(chips.root).as_posix() for path in chips.files],
-            'class': [names[i] for i in index.tolist()],
-            'probability': best.tolist(),
-            **{f'p_{name}': probabilities[:, i].tolist() for i, name in enumerate(names)},
-        }
-    )
-    if output is not None:
-        with atomic_output(output, overwrite=overwrite) as tmp:
-            table.to_csv(tmp, index=False, float_format='%.6f')
-    return table
+def _size(config: ClassifyConfig, encoder: EncoderInit) -> int:
+    """The chip side: the setting, else the encoder card's patch size, else the default."""
+    return config.patch_size or (encoder.card and encoder.card.patch_size) or DEFAULT_SIZE

@@ -1,30 +1,89 @@
 """Run folders: the machinery every training run shares, pretraining and fine-tuning alike.
 
 A run folder holds the resolved settings (``config.yaml``), CSV logs (``logs/``) and what the run
-exports; :mod:`geocmid.runs.pretrain` and :mod:`geocmid.runs.segmentation` name the exports of their runs.
+exports; :mod:`geocmid.runs.pretrain` and :mod:`geocmid.runs.finetune` write the exports of their
+runs, and :mod:`geocmid.runs.artefacts` names them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning
+import numpy as np
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from pyproj import CRS
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from geocmid.errors import InputError
 from geocmid.io.atomic import atomic_output
 from geocmid.runs.config import to_plain
+from geocmid.runs.progress import progress_callback
 
 Precision = Literal['auto', '32', 'bf16-mixed', '16-mixed']
+
+#: The checkpoint file a run resumes from, inside its checkpoint folder.
+LAST_CHECKPOINT = 'last.ckpt'
+
+#: Default cadence of ``last.ckpt``: this much training time, or each epoch, whichever comes first.
+DEFAULT_CHECKPOINT_TIME = timedelta(minutes=10)
+
+_DURATION = re.compile(r'(\d+)\s*(sec|min|s|m|h)')
+_SECONDS = {'s': 1, 'sec': 1, 'm': 60, 'min': 60, 'h': 3600}
+
+
+def checkpoint_interval(
+    value: str | int | None, source: str = '--checkpoint-every'
+) -> int | timedelta | None:
+    """Parse a checkpoint cadence: a number of steps (``500``) or a duration (``10min``).
+
+    Durations take ``s``, ``min`` (or ``m``) and ``h``, e.g. ``90s``, ``1h30min``.
+
+    Args:
+        value: The cadence; None for the default (:data:`DEFAULT_CHECKPOINT_TIME` or each epoch).
+        source: The option or config key named in errors.
+
+    Returns:
+        Steps as an int, a duration as a timedelta, or None.
+
+    Raises:
+        InputError: For anything else, zero or negative.
+    """
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    parts = _DURATION.findall(text)
+    seconds = sum(int(number) * _SECONDS[unit] for number, unit in parts)
+    if not parts or _DURATION.sub('', text).strip() or seconds <= 0:
+        raise InputError(
+            source,
+            f"expected a positive number of steps ('500') or a duration ('10min'), got {value!r}",
+        )
+    return timedelta(seconds=seconds)
+
+
+def check_positive(value: int | None, source: str) -> None:
+    """Fail unless ``value`` is unset or at least 1 (no silent fallback to a default).
+
+    Raises:
+        InputError: Naming ``source`` when ``value`` is below 1.
+    """
+    if value is not None and value < 1:
+        raise InputError(source, f'must be at least 1, got {value}')
 
 
 def resolve_precision(precision: Precision, accelerator: str = 'auto') -> str:
@@ -104,6 +163,8 @@ def build_trainer(
     validate: bool = True,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    num_nodes: int = 1,
+    checkpoint_every: str | int | None = None,
 ) -> lightning.Trainer:
     """The Lightning trainer of a run, logging CSV into ``run_dir/logs``.
 
@@ -112,26 +173,32 @@ def build_trainer(
         epochs: Epoch limit (``default_epochs`` when neither limit is set).
         max_steps: Step limit.
         default_epochs: Epochs trained when neither limit is set.
-        devices: Number of devices; more than one trains with DDP.
+        devices: Number of devices per node; more than one device in all trains with DDP.
         accelerator: Lightning accelerator.
         precision: Lightning precision, or 'auto' (see :func:`resolve_precision`).
         sync_batchnorm: Synchronise BatchNorm statistics across devices.
         log_every_n_steps: Training-loss logging interval.
         validate: Run validation each epoch (False when nothing is held out).
-        checkpoint_dir: Where ``last.ckpt`` is saved each epoch, for resuming; None saves none.
+        checkpoint_dir: Where ``last.ckpt`` is saved for resuming (see ``checkpoint_every``;
+            also at the end and on SIGTERM); None saves none.
         progress: Show a progress bar.
+        num_nodes: Number of machines; Lightning finds the others through its cluster
+            environments (SLURM, torchrun/TorchElastic).
+        checkpoint_every: Cadence of ``last.ckpt`` (see :func:`checkpoint_interval`).
     """
     if epochs is None:
         epochs = -1 if max_steps is not None else default_epochs
-    callbacks: list[lightning.Callback] = []
+    check_positive(num_nodes, '--num-nodes')
+    callbacks: list[lightning.Callback] = [LearningRateReport()]
     if checkpoint_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True))
+        callbacks += checkpoint_callbacks(checkpoint_dir, checkpoint_interval(checkpoint_every))
     if progress:
-        callbacks.append(TQDMProgressBar())
+        callbacks.append(progress_callback())
     return lightning.Trainer(
         accelerator=accelerator,
         devices=devices,
-        strategy='ddp' if devices > 1 else 'auto',
+        num_nodes=num_nodes,
+        strategy='ddp' if devices * num_nodes > 1 else 'auto',
         # The training samplers shard patches by rank themselves (TorchGeo #305).
         use_distributed_sampler=False,
         sync_batchnorm=sync_batchnorm,
@@ -150,6 +217,166 @@ def build_trainer(
     )
 
 
+@rank_zero_only
+def announce(message: str) -> None:
+    """Print a line the user should see whatever the log level (once, on the first rank)."""
+    print(message, flush=True)
+
+
+def fit(trainer: lightning.Trainer, *args: Any, **kwargs: Any) -> None:
+    """``trainer.fit``, ending a SIGTERM-stopped run with exit status 143 (128 + SIGTERM).
+
+    The checkpoint is saved by then (:class:`PreemptionCheckpoint`); a job scheduler sees the
+    job as terminated, not finished, and nothing is exported from the unfinished run.
+    """
+    try:
+        trainer.fit(*args, **kwargs)
+    except SIGTERMException:
+        announce(f'stopped by SIGTERM at step {trainer.global_step}; --resume continues')
+        raise SIGTERMException(128 + signal.SIGTERM) from None
+
+
+def checkpoint_callbacks(
+    checkpoint_dir: Path, every: int | timedelta | None
+) -> list[lightning.Callback]:
+    """Callbacks keeping ``checkpoint_dir/last.ckpt`` current, so a crash loses little.
+
+    ``last.ckpt`` is replaced (atomically, see :class:`AtomicCheckpointIO`) every ``every``
+    steps or that much training time; by default every :data:`DEFAULT_CHECKPOINT_TIME` or each
+    epoch, whichever comes first. It is also written when training ends and at the step
+    boundary after a SIGTERM (:class:`PreemptionCheckpoint`). The random streams travel with it
+    (:class:`RandomStates`).
+    """
+
+    def last(**trigger: Any) -> ModelCheckpoint:
+        # Lightning's `save_last` writes only when training ends if nothing else is kept, so the
+        # one kept checkpoint is named `last` instead and replaced in place.
+        return ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename=Path(LAST_CHECKPOINT).stem,
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+            **trigger,
+        )
+
+    if every is None:
+        triggers = [last(train_time_interval=DEFAULT_CHECKPOINT_TIME), last(every_n_epochs=1)]
+    elif isinstance(every, timedelta):
+        triggers = [last(train_time_interval=every)]
+    else:
+        triggers = [last(every_n_train_steps=every)]
+    return [*triggers, PreemptionCheckpoint(checkpoint_dir / LAST_CHECKPOINT), RandomStates()]
+
+
+class PreemptionCheckpoint(Checkpoint):
+    """Saves ``last.ckpt`` when training stops on SIGTERM, and when it ends.
+
+    Lightning turns a SIGTERM (what SLURM sends before killing a job) into a
+    :class:`SIGTERMException` at the next step boundary on every rank; the checkpoint written
+    then resumes at the step after it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_exception(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        exception: BaseException,
+    ) -> None:
+        """Save on SIGTERM only: other exceptions may leave a step half done."""
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
+            rank_zero_info(f'SIGTERM: saved {self.path} at step {trainer.global_step}')
+
+    def on_train_end(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        """Save the final state, whatever the cadence, so the run can be exported or extended."""
+        trainer.save_checkpoint(self.path)
+
+
+class RandomStates(lightning.Callback):
+    """Carries every rank's random generators (torch, CUDA, NumPy, Python) in checkpoints.
+
+    Lightning restores model, optimiser, scheduler and loop state but not the random streams;
+    without them a resumed run draws different augmentations than an uninterrupted one.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: list[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's generator states (gathered to the rank that writes the checkpoint)."""
+        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        # NumPy's uint32 key as an int64 tensor, which loads with weights_only=True and
+        # pickles across ranks (torch's uint32 storages do not).
+        kind, key, *rest = states['numpy']
+        states['numpy'] = [kind, torch.from_numpy(key.astype(np.int64)), *rest]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            return {'ranks': gathered}
+        return {'ranks': [states]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the states; they are applied when training starts, after all other set-up."""
+        self._loaded = state_dict.get('ranks')
+
+    def on_train_start(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        """Apply this rank's saved states (only when the world size is unchanged)."""
+        if self._loaded and len(self._loaded) == trainer.world_size:
+            states = dict(self._loaded[trainer.global_rank])
+            kind, key, *rest = states['numpy']
+            states['numpy'] = (kind, key.numpy().astype(np.uint32), *rest)
+            _set_rng_states(states)
+        self._loaded = None
+
+
+class LearningRateReport(lightning.Callback):
+    """Prints the learning-rate rule a run applies, once, when training starts.
+
+    Multi-node users see the peak learning rate, the total batch it was scaled to (per-device
+    batch x devices x nodes x accumulation) and the scaling rule (``lr_scaling`` of the task).
+    """
+
+    def on_train_start(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        """Log the rule on the first rank."""
+        if not trainer.optimizers:
+            return
+        group = trainer.optimizers[0].param_groups[0]
+        peak = group.get('initial_lr', group['lr'])
+        loader = trainer.train_dataloader
+        if isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        per_device = getattr(loader, 'batch_size', None)
+        devices = trainer.num_devices
+        nodes = trainer.num_nodes
+        accumulate = trainer.accumulate_grad_batches
+        hparams = pl_module.hparams
+        rule = hparams.get('lr_scaling', 'none')
+        base = hparams.get('lr')
+        total = per_device * devices * nodes * accumulate if per_device else None
+        reference = getattr(pl_module, 'reference_batch', 256)
+        scaled = (
+            f'lr {base:g} at a batch of {reference}, {rule} scaling'
+            if rule != 'none'
+            else 'unscaled'
+        )
+        announce(
+            f'learning rate: peak {peak:.4g} ({scaled}) for a total batch of {total} = '
+            f'{per_device} per device x {devices} device(s) x {nodes} node(s) x '
+            f'{accumulate} accumulation'
+        )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O that writes beside the target and renames into place.
 
@@ -164,9 +391,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path, overwrite=True) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-
-
-def metres_per_pixel(crs: CRS, res: float) -> float | None:
-    """The ground resolution when the CRS is in metres; None for degrees or other units."""
-    unit = crs.axis_info[0].unit_name if crs.axis_info else None
-    return float(res) if unit in ('metre', 'meter') else None

@@ -30,22 +30,29 @@ from geocmid import __version__
 from geocmid.datamodules.gersp import GeRSPDataModule
 from geocmid.datamodules.pretrain import PretrainDataModule
 from geocmid.errors import InputError
-from geocmid.io.cards import ModelCard, write_card
+from geocmid.io.cards import CARD_NAME, ModelCard, write_card
 from geocmid.models.backbones import check_patch_size
-from geocmid.models.weights import save_encoder
+from geocmid.models.weights import ENCODER_NAME, read_checkpoint, save_encoder
 from geocmid.runs.config import parse_values, resolve, signature_hints, to_plain
 from geocmid.runs.folders import (
+    LAST_CHECKPOINT,
     Precision,
     build_trainer,
+    check_positive,
     check_run_dir,
+    checkpoint_interval,
+    fit,
     prepare_run_dir,
     write_run_config,
 )
+from geocmid.runs.result import RunResult
+from geocmid.tasks.ssl.base import PretrainTask
 from geocmid.tasks.ssl.cmid import CMID
 from geocmid.tasks.ssl.gersp import GeRSP
+from geocmid.transforms.streams import SEED_RULE
 
 #: What a run writes into its folder; ``--overwrite`` removes exactly these, nothing else.
-RUN_OUTPUTS = ('checkpoints', 'logs', 'encoder.pt', 'model_card.json', 'config.yaml')
+RUN_OUTPUTS = ('checkpoints', 'logs', ENCODER_NAME, CARD_NAME, 'config.yaml')
 
 
 @dataclass(frozen=True)
@@ -63,17 +70,21 @@ class PretrainConfig:
         patch_size: Side of the square patches sampled and of the two crops (pixels).
         batch_size: Patches per device per step.
         epochs: Training epochs (200 when neither ``epochs`` nor ``max_steps`` is set, the
-            MillionAID schedule of the CMID paper, cmid.md section 10.3).
+            MillionAID schedule of the CMID paper, ``docs/cmid.md#optimisation``).
         max_steps: Optimiser steps; training stops at whichever limit comes first.
         samples_per_epoch: Patches per epoch over all devices; the data layer's default when unset.
         max_nodata_fraction: Largest share of nodata pixels a raster patch may have.
         nodata: Nodata value overriding (or supplying) the rasters' own.
-        devices: Number of devices; more than one trains with DDP.
+        devices: Number of devices per node; more than one in all trains with DDP.
+        num_nodes: Number of machines (Lightning finds them through SLURM or torchrun).
         accelerator: Lightning accelerator ('auto', 'cpu', 'gpu', ...).
         precision: Numeric precision passed to Lightning.
         sync_batchnorm: Synchronise BatchNorm statistics across devices.
+        checkpoint_every: How often ``last.ckpt`` is replaced: steps (``500``) or a duration
+            (``10min``); by default every 10 minutes of training or each epoch, whichever first.
         workers: Data-loading worker processes per device.
-        seed: Random seed (the data sampler adds the rank).
+        seed: Random seed; each rank's augmentation and mask draws use seed + global rank,
+            and the patch sampler splits one sequence seeded by it.
         log_every_n_steps: How often losses are written to the CSV log.
         task: Method hyperparameters: keyword arguments of the method's task class.
     """
@@ -93,9 +104,11 @@ class PretrainConfig:
     max_nodata_fraction: float = 0.5
     nodata: float | None = None
     devices: int = 1
+    num_nodes: int = 1
     accelerator: str = 'auto'
     precision: Precision = 'auto'
     sync_batchnorm: bool = False
+    checkpoint_every: int | str | None = None
     workers: int = 4
     seed: int = 322
     log_every_n_steps: int = 10
@@ -171,27 +184,6 @@ METHODS: dict[str, Method] = {
 }
 
 
-@dataclass(frozen=True)
-class RunResult:
-    """What a pretraining run wrote.
-
-    Attributes:
-        run_dir: The run folder.
-        checkpoint: The Lightning checkpoint to resume from.
-        encoder: The student encoder state dict.
-        model_card: The model card describing the encoder's input.
-        global_step: Optimiser steps taken in total (including resumed ones).
-        metrics: The last logged value of each loss term.
-    """
-
-    run_dir: Path
-    checkpoint: Path
-    encoder: Path
-    model_card: Path
-    global_step: int
-    metrics: dict[str, float]
-
-
 def load_pretrain_config(
     config_file: str | os.PathLike[str] | None = None, **overrides: Any
 ) -> PretrainConfig:
@@ -208,6 +200,9 @@ def load_pretrain_config(
     ignored = (ignored,) if isinstance(ignored, str) else tuple(ignored)
     hints = signature_hints(method.task_class.__init__, exclude=method.run_keys + ignored)
     task = parse_values(config.task, hints, config_file or 'command line', section='task')
+    if issubclass(method.task_class, PretrainTask):
+        # Every setting is checked here, before a run folder or any data is touched.
+        method.task_class.validate_settings({'patch_size': config.patch_size, **task})
     return dataclasses.replace(config, task=task)
 
 
@@ -234,19 +229,27 @@ def run_pretraining(
         raise InputError('--output', 'a run folder is required')
     if (config.rasters is None) == (config.images is None):
         raise InputError('--rasters/--images', 'give exactly one of them')
+    check_positive(config.max_steps, '--max-steps')
+    check_positive(config.epochs, '--epochs')
+    check_positive(config.num_nodes, '--num-nodes')
+    check_positive(config.devices, '--devices')
+    check_positive(config.batch_size, '--batch-size')
+    checkpoint_interval(config.checkpoint_every)
     method = _method(config.method, None)
     data_arguments = method.data_arguments(config)
     if config.natural_images is not None and 'natural_images' not in data_arguments:
         raise InputError('--natural-images', f'only --method gersp uses it, not {config.method}')
     run_dir = Path(config.output)
-    checkpoint = run_dir / 'checkpoints' / 'last.ckpt'
+    checkpoint = run_dir / 'checkpoints' / LAST_CHECKPOINT
     if resume and not checkpoint.is_file():
         raise InputError(checkpoint, 'no checkpoint to resume from')
     # Other DDP ranks run this function again once rank 0 has filled the folder.
     first_rank = rank_zero_only.rank == 0
     if first_rank:
         check_run_dir(run_dir, overwrite=overwrite, resume=resume)
-    check_patch_size(config.backbone, config.patch_size)
+    check_patch_size(
+        config.backbone, config.patch_size, **(config.task.get('backbone_kwargs') or {})
+    )
 
     data = method.data_class(
         rasters=config.rasters,
@@ -261,43 +264,103 @@ def run_pretraining(
         seed=config.seed,
         **data_arguments,
     )
-    if first_rank:
-        # Only now that the data are known to be usable are earlier outputs removed.
-        prepare_run_dir(run_dir, RUN_OUTPUTS, overwrite=overwrite, resume=resume)
-        write_run_config(run_dir, config)
-
     lightning.seed_everything(config.seed, workers=True, verbose=False)
     task = method.task_class(**method.run_arguments(config, data), **config.task)
+    if first_rank:
+        # Only now that the data and the task are known to be usable are earlier outputs
+        # removed (GeRSP checks its RGB bands against the data when the task is built).
+        prepare_run_dir(run_dir, RUN_OUTPUTS, overwrite=overwrite, resume=resume)
+        write_run_config(run_dir, config)
     trainer = build_trainer(
         run_dir,
         epochs=config.epochs,
         max_steps=config.max_steps,
-        # The MillionAID schedule of the CMID paper (cmid.md section 10.3).
+        # The MillionAID schedule of the CMID paper (docs/cmid.md#optimisation).
         default_epochs=200,
         devices=config.devices,
+        num_nodes=config.num_nodes,
         accelerator=config.accelerator,
         precision=config.precision,
         sync_batchnorm=config.sync_batchnorm,
         log_every_n_steps=config.log_every_n_steps,
         validate=False,
         checkpoint_dir=run_dir / 'checkpoints',
+        checkpoint_every=config.checkpoint_every,
         progress=progress,
     )
-    trainer.fit(task, datamodule=data, ckpt_path=checkpoint if resume else None)
+    trainer.callbacks.append(CardInCheckpoint(_model_card(config, data, task)))
+    fit(trainer, task, datamodule=data, ckpt_path=checkpoint if resume else None)
 
-    encoder = run_dir / 'encoder.pt'
-    card = run_dir / 'model_card.json'
+    encoder, card = run_dir / ENCODER_NAME, run_dir / CARD_NAME
     if trainer.is_global_zero:
-        # The student, not the EMA teacher, is exported: it is the network the losses trained
-        # and the one the official extract.py releases (cmid.md 11.3, 11.7).
-        save_encoder(encoder, task.encoder_state_dict(), overwrite=True)
-        write_card(card, _model_card(config, data, task), overwrite=True)
+        _export(task, _model_card(config, data, task), encoder, card)
     metrics = {
         key: float(value)
         for key, value in trainer.callback_metrics.items()
         if key.startswith(('train_loss', 'loss_'))
     }
-    return RunResult(run_dir, checkpoint, encoder, card, trainer.global_step, metrics)
+    return RunResult(
+        run_dir, card, trainer.global_step, metrics, encoder=encoder, checkpoint=checkpoint
+    )
+
+
+class CardInCheckpoint(lightning.Callback):
+    """Stores the model card in every checkpoint, so any checkpoint can be exported."""
+
+    def __init__(self, card: ModelCard) -> None:
+        self.card = card
+
+    def on_save_checkpoint(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, checkpoint: dict
+    ) -> None:
+        """Add the card (as plain JSON values) under :data:`CARD_KEY`."""
+        checkpoint[CARD_KEY] = self.card.to_dict()
+
+
+#: Where checkpoints of a pretraining run hold the model card of the encoder.
+CARD_KEY = 'geocmid_model_card'
+
+
+def export_encoder(run: str | os.PathLike[str], *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``encoder.pt`` and ``model_card.json`` from a pretraining checkpoint.
+
+    Args:
+        run: A pretraining run folder (its ``checkpoints/last.ckpt`` is read) or a checkpoint.
+        overwrite: Replace an existing encoder and card.
+
+    Returns:
+        The encoder and card written, beside the run folder's other outputs (or the checkpoint).
+
+    Raises:
+        InputError: No checkpoint, not a pretraining checkpoint, or outputs exist without
+            ``overwrite``.
+    """
+    path = Path(run)
+    checkpoint = path / 'checkpoints' / LAST_CHECKPOINT if path.is_dir() else path
+    run_dir = path if path.is_dir() else path.parent.parent
+    if not checkpoint.is_file():
+        raise InputError(checkpoint, 'no checkpoint to export from')
+    encoder, card_file = run_dir / ENCODER_NAME, run_dir / CARD_NAME
+    if not overwrite:
+        for output in (encoder, card_file):
+            if output.exists():
+                raise InputError(output, 'exists; use --overwrite')
+    contents = read_checkpoint(checkpoint)
+    if CARD_KEY not in contents:
+        raise InputError(checkpoint, 'not a checkpoint of a geocmid pretraining run')
+    card = ModelCard.from_dict(contents[CARD_KEY], checkpoint)
+    method = _method(card.method, checkpoint)
+    task = method.task_class(**contents['hyper_parameters'])
+    task.load_state_dict(contents['state_dict'])
+    _export(task, card, encoder, card_file)
+    return encoder, card_file
+
+
+def _export(task: BaseTask, card: ModelCard, encoder: Path, card_file: Path) -> None:
+    # The student, not the EMA teacher, is exported: it is the network the losses trained and
+    # the one the official extract.py releases.
+    save_encoder(encoder, task.encoder_state_dict(), overwrite=True)
+    write_card(card_file, card, overwrite=True)
 
 
 def _method(name: str, source: str | os.PathLike[str] | None) -> Method:
@@ -320,5 +383,6 @@ def _model_card(config: PretrainConfig, data: PretrainDataModule, task: BaseTask
         resolution=data.resolution,
         data=data.summary(),
         geocmid_version=__version__,
-        config=to_plain(config),
+        # Every rank draws its own crops and masks (geocmid.transforms.streams).
+        config=to_plain(config) | {'seed_rule': SEED_RULE},
     )

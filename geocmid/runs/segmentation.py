@@ -1,17 +1,10 @@
-"""Supervised fine-tuning runs: settings, run folder, Lightning trainer, exported model and card.
+"""Segmentation fine-tuning: what segmentation adds to the shared runner.
 
-A run folder holds everything one fine-tuning run produces::
-
-    RUN_DIR/config.yaml          the resolved settings (defaults < YAML < command line)
-    RUN_DIR/logs/version_N/      CSV logs: losses, mIoU and per-class IoU per epoch
-    RUN_DIR/model.ckpt           the trained model (Lightning checkpoint, weights only)
-    RUN_DIR/model_card.json      bands, normalisation, classes and colours, tile size,
-                                 resolution, encoder provenance
-
-The run folder machinery (:mod:`geocmid.runs.folders`, and here :func:`encoder_init`,
-:func:`start_run`, :func:`fit`, :func:`export_run`, :func:`load_trained`) is shared by every
-fine-tuning task; :func:`train_segmentation` and :func:`load_segmentation_model` are what
-segmentation adds.
+The run folder, trainer, final validation and export are :mod:`geocmid.runs.finetune`'s; this
+module supplies the settings (:class:`SegmentConfig`), the data module of rasters and labels
+(:class:`~geocmid.datamodules.segmentation.SegmentationDataModule`), the task
+(:class:`~geocmid.tasks.finetune.segmentation.Segmentation`) and the card (classes and colours,
+tile size, resolution). :func:`geocmid.runs.artefacts.load_segmentation_model` loads the result.
 """
 
 from __future__ import annotations
@@ -20,33 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning
-from lightning.pytorch.utilities import rank_zero_only
-from torch import nn
-from torchgeo.tasks import BaseTask
-
 from geocmid.datamodules.segmentation import SegmentationDataModule
 from geocmid.errors import InputError
-from geocmid.io.cards import ClassInfo, ModelCard, read_card, write_card
+from geocmid.io.cards import ClassInfo, ModelCard
 from geocmid.io.cog import default_classes
-from geocmid.models.weights import ENCODER_NAME, load_encoder, sha256_file
-from geocmid.runs import folders as runs
 from geocmid.runs.config import to_plain
-from geocmid.runs.folders import (
-    Precision,
-    build_trainer,
-    check_run_dir,
-    metres_per_pixel,
-    write_run_config,
-)
+from geocmid.runs.finetune import EncoderInit, FineTune, run_finetune
+from geocmid.runs.folders import Precision
+from geocmid.runs.result import RunResult
 from geocmid.tasks.finetune.segmentation import Segmentation
-from geocmid.types import PathLike
-
-#: Name of the trained model inside a run folder.
-MODEL_NAME = 'model.ckpt'
-
-#: What a run writes into its folder; ``--overwrite`` removes exactly these, nothing else.
-RUN_OUTPUTS = ('config.yaml', 'logs', MODEL_NAME, 'model_card.json')
 
 
 @dataclass(frozen=True)
@@ -66,7 +41,8 @@ class SegmentConfig:
         label_field: Class attribute of vector labels.
         bands: Bands to read (1-based indices or names); default all. Their number must
             match the encoder's.
-        freeze_encoder: Train the decoder only.
+        freeze_encoder: Train the decoder only; the encoder keeps its weights and its BatchNorm
+            statistics (see :mod:`geocmid.tasks.finetune.encoder`).
         epochs: Training epochs (20 when neither limit is set).
         max_steps: Optimiser steps; training stops at whichever limit comes first.
         batch_size: Patches per device per step.
@@ -78,7 +54,10 @@ class SegmentConfig:
         max_nodata_fraction: Largest share of nodata pixels in a training patch.
         lr: Learning rate (AdamW).
         loss: 'ce', 'focal', 'dice' or 'jaccard'.
-        devices: Number of devices; more than one trains with DDP.
+        devices: Number of devices per node; more than one in all trains with DDP.
+        num_nodes: Number of machines (Lightning finds them through SLURM or torchrun).
+        checkpoint_every: How often ``checkpoints/last.ckpt`` is replaced: steps (``500``)
+            or a duration (``10min``); by default 10 minutes of training or each epoch.
         accelerator: Lightning accelerator ('auto', 'cpu', 'gpu', ...).
         precision: Numeric precision passed to Lightning.
         workers: Data-loading worker processes per device.
@@ -107,30 +86,13 @@ class SegmentConfig:
     lr: float = 1e-3
     loss: Literal['ce', 'focal', 'dice', 'jaccard'] = 'ce'
     devices: int = 1
+    num_nodes: int = 1
+    checkpoint_every: int | str | None = None
     accelerator: str = 'auto'
     precision: Precision = 'auto'
     workers: int = 0
     seed: int = 0
     log_every_n_steps: int = 10
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What a fine-tuning run wrote.
-
-    Attributes:
-        run_dir: The run folder.
-        model: The trained model checkpoint.
-        model_card: Its model card.
-        global_step: Optimiser steps taken.
-        metrics: The last logged value of each metric (losses, IoUs).
-    """
-
-    run_dir: Path
-    model: Path
-    model_card: Path
-    global_step: int
-    metrics: dict[str, float]
 
 
 def train_segmentation(
@@ -151,70 +113,81 @@ def train_segmentation(
             a missing label field, encoder bands that differ from the raster bands, or an
             existing run folder without ``overwrite``.
     """
-    for name in ('rasters', 'labels', 'output'):
-        if getattr(config, name) is None:
-            raise InputError(f'--{name}', 'is required')
-    if config.decoder == 'upernet' and config.batch_size < 2:
-        # UPerNet's pyramid pooling normalises 1 x 1 maps over the batch.
-        raise InputError('--batch-size', 'the upernet decoder trains with batches of 2 or more')
-    run_dir = Path(config.output)  # type: ignore[arg-type]
-    if rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 has filled the folder
-        check_run_dir(run_dir, overwrite=overwrite)
-    classes = parse_classes(config.classes) if config.classes is not None else None
-
-    encoder = encoder_init(config.encoder, config.backbone)
-    data = SegmentationDataModule(
-        config.rasters,  # type: ignore[arg-type]
-        config.labels,  # type: ignore[arg-type]
-        label_field=config.label_field,
-        class_names=[name for name, _ in classes] if classes is not None else None,
-        bands=config.bands,
-        mean=encoder.mean,
-        std=encoder.std,
-        patch_size=config.patch_size,
-        batch_size=config.batch_size,
-        length=config.samples_per_epoch,
-        num_workers=config.workers,
-        val_fraction=config.val_fraction,
-        block_size=config.block_size,
-        max_nodata_fraction=config.max_nodata_fraction,
-        seed=config.seed,
-    )
-    weights = encoder.weights(data.in_channels, 'the rasters')
-    start_run(run_dir, config, overwrite=overwrite)
-    task = Segmentation(
-        model=config.decoder,
-        backbone=encoder.backbone,
-        backbone_kwargs=encoder.backbone_kwargs,
-        weights=weights,
-        in_channels=data.in_channels,
-        num_classes=len(data.class_names),
-        labels=list(data.class_names),
-        loss=config.loss,
-        lr=config.lr,
-        freeze_backbone=config.freeze_encoder,
-    )
-    trainer = fit(run_dir, config, task, data, validate=data.val_roi is not None, progress=progress)
-    colors = [color for _, color in classes] if classes is not None else None
-    card = _segmentation_card(config, data, encoder, colors)
-    return export_run(trainer, run_dir, card)
+    return run_finetune(SegmentationRun(), config, overwrite=overwrite, progress=progress)
 
 
-def load_segmentation_model(run_dir: PathLike) -> tuple[nn.Module, ModelCard]:
-    """The trained network of a segmentation run, ready for whole-scene inference.
+class SegmentationRun(FineTune[SegmentConfig, SegmentationDataModule]):
+    """Segmentation's part of a fine-tuning run (see :class:`~geocmid.runs.finetune.FineTune`)."""
 
-    Args:
-        run_dir: A run folder written by :func:`train_segmentation`.
+    required = ('rasters', 'labels', 'output')
+    source = 'the rasters'
 
-    Returns:
-        The network in eval mode, mapping normalised ``(B, C, h, w)`` images to logits
-        ``(B, K, h, w)`` (normalise with the card's ``mean`` and ``std``), and the card.
+    def check(self, config: SegmentConfig) -> None:
+        """Fail on a decoder that cannot train with the batch size, and on bad classes."""
+        super().check(config)
+        if config.decoder == 'upernet' and config.batch_size < 2:
+            # UPerNet's pyramid pooling normalises 1 x 1 maps over the batch.
+            raise InputError('--batch-size', 'the upernet decoder trains with batches of 2 or more')
+        if config.classes is not None:
+            parse_classes(config.classes)
 
-    Raises:
-        InputError: No card or checkpoint, a card of another task, or an unreadable checkpoint.
-    """
-    task, card = load_trained(run_dir, Segmentation, 'segmentation')
-    return task.model.eval(), card
+    def datamodule(self, config: SegmentConfig, encoder: EncoderInit) -> SegmentationDataModule:
+        """Patches of the rasters and their rasterised labels, split by spatial blocks."""
+        classes = parse_classes(config.classes) if config.classes is not None else None
+        return SegmentationDataModule(
+            config.rasters,  # type: ignore[arg-type]
+            config.labels,  # type: ignore[arg-type]
+            label_field=config.label_field,
+            class_names=[name for name, _ in classes] if classes is not None else None,
+            bands=config.bands,
+            mean=encoder.mean,
+            std=encoder.std,
+            patch_size=config.patch_size,
+            batch_size=config.batch_size,
+            length=config.samples_per_epoch,
+            num_workers=config.workers,
+            val_fraction=config.val_fraction,
+            block_size=config.block_size,
+            max_nodata_fraction=config.max_nodata_fraction,
+            seed=config.seed,
+        )
+
+    def in_channels(self, data: SegmentationDataModule) -> int:
+        """Bands of the rasters."""
+        return data.in_channels
+
+    def validates(self, data: SegmentationDataModule) -> bool:
+        """Whether spatial blocks are held out."""
+        return data.val_roi is not None
+
+    def task(
+        self,
+        config: SegmentConfig,
+        encoder: EncoderInit,
+        weights: dict[str, Any] | None,
+        data: SegmentationDataModule,
+    ) -> Segmentation:
+        """The segmentation task with the chosen decoder."""
+        return Segmentation(
+            model=config.decoder,
+            backbone=encoder.backbone,
+            backbone_kwargs=encoder.backbone_kwargs,
+            weights=weights,
+            in_channels=data.in_channels,
+            num_classes=len(data.class_names),
+            labels=list(data.class_names),
+            loss=config.loss,
+            lr=config.lr,
+            freeze_backbone=config.freeze_encoder,
+        )
+
+    def card(
+        self, config: SegmentConfig, data: SegmentationDataModule, encoder: EncoderInit
+    ) -> ModelCard:
+        """The card: bands, normalisation, classes and colours, tile size, resolution."""
+        classes = parse_classes(config.classes) if config.classes is not None else None
+        colors = [color for _, color in classes] if classes is not None else None
+        return _segmentation_card(config, data, encoder, colors)
 
 
 def parse_classes(specs: list[str]) -> list[tuple[str, tuple[int, int, int] | None]]:
@@ -250,205 +223,13 @@ def parse_classes(specs: list[str]) -> list[tuple[str, tuple[int, int, int] | No
     return parsed
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create a fine-tuning run folder; with ``overwrite``, remove its :data:`RUN_OUTPUTS` first.
-
-    Raises:
-        InputError: See :func:`geocmid.runs.folders.check_run_dir`, or the folder cannot be created.
-    """
-    runs.prepare_run_dir(run_dir, RUN_OUTPUTS, overwrite=overwrite)
-
-
-@dataclass(frozen=True)
-class EncoderInit:
-    """Where the encoder of a fine-tuned model starts: a pretrained encoder or random weights.
-
-    Attributes:
-        path: ``encoder.pt`` or a pretraining run folder; None starts from random weights.
-        card: The pretrained encoder's card; None for random weights.
-        backbone: timm name of the encoder (a pretrained encoder's card names its own).
-        backbone_kwargs: Extra ``timm.create_model`` arguments the weights need.
-    """
-
-    path: Path | None
-    card: ModelCard | None
-    backbone: str
-    backbone_kwargs: dict[str, Any]
-
-    @property
-    def mean(self) -> list[float] | None:
-        """The pretraining band means, which fine-tuning must keep; None for random weights."""
-        return self.card.mean if self.card is not None else None
-
-    @property
-    def std(self) -> list[float] | None:
-        """The pretraining band standard deviations; None for random weights."""
-        return self.card.std if self.card is not None else None
-
-    def weights(self, in_channels: int, source: str) -> dict[str, Any] | None:
-        """The pretrained state dict, after checking it takes the data's bands.
-
-        Args:
-            in_channels: Number of bands the data give.
-            source: What gives them, for the error message (e.g. ``'the rasters'``).
-
-        Returns:
-            The encoder's state dict; None for random weights.
-
-        Raises:
-            InputError: An unreadable encoder, or one that takes another number of bands.
-        """
-        if self.path is None or self.card is None:
-            return None
-        if self.card.in_chans != in_channels:
-            raise InputError(
-                self.path,
-                f'encoder takes {self.card.in_chans} band(s) ({", ".join(self.card.bands)}) '
-                f'but {source} give {in_channels}; select bands with --bands',
-            )
-        network, _ = load_encoder(self.path, in_chans=in_channels)
-        return network.state_dict()
-
-    def provenance(self) -> dict[str, Any]:
-        """The ``encoder`` entry of a model card's provenance; empty for random weights."""
-        if self.path is None or self.card is None:
-            return {}
-        weights = self.path / ENCODER_NAME if self.path.is_dir() else self.path
-        return {
-            'encoder': {
-                'path': str(weights.resolve()),
-                'sha256': sha256_file(weights),
-                'card': self.card.to_dict(),
-            }
-        }
-
-
-def encoder_init(encoder: PathLike | None, backbone: str) -> EncoderInit:
-    """Read the card of a pretrained ``encoder``; without one, start ``backbone`` at random.
-
-    Its weights are loaded later, by :meth:`EncoderInit.weights`, once the data say how many
-    bands they give; the data need the card's normalisation first.
-
-    Raises:
-        InputError: The encoder has no readable card.
-    """
-    if encoder is None:
-        return EncoderInit(None, None, backbone, {})
-    card = read_card(encoder)
-    return EncoderInit(Path(encoder), card, card.backbone, dict(card.backbone_kwargs))
-
-
-def start_run(run_dir: Path, config: Any, *, overwrite: bool) -> None:
-    """Fill the run folder on rank 0 (see :func:`prepare_run_dir`), then seed every rank.
-
-    Args:
-        run_dir: The run folder.
-        config: The run's resolved settings (a config dataclass with a ``seed``), written to
-            ``config.yaml``.
-        overwrite: Remove a previous run's outputs first.
-    """
-    if rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 has filled the folder
-        prepare_run_dir(run_dir, overwrite)
-        write_run_config(run_dir, config)
-    lightning.seed_everything(config.seed, workers=True, verbose=False)
-
-
-def fit(
-    run_dir: Path,
-    config: Any,
-    task: lightning.LightningModule,
-    data: lightning.LightningDataModule,
-    *,
-    validate: bool,
-    progress: bool,
-) -> lightning.Trainer:
-    """Train ``task`` with the run's trainer; with ``validate``, validate the final model once more.
-
-    Epoch-end validation misses the steps after the last full epoch (always, with
-    ``--max-steps``), so the exported model itself is validated at the end.
-
-    Args:
-        run_dir: The run folder, which receives the CSV logs.
-        config: The run's settings: a config dataclass with ``epochs``, ``max_steps``,
-            ``devices``, ``accelerator``, ``precision`` and ``log_every_n_steps``.
-        task: The Lightning task to train.
-        data: Its data module.
-        validate: Whether the data module holds a validation split.
-        progress: Show Lightning's progress bar.
-
-    Returns:
-        The trainer, to export the trained model with.
-    """
-    trainer = build_trainer(
-        run_dir,
-        epochs=config.epochs,
-        max_steps=config.max_steps,
-        devices=config.devices,
-        accelerator=config.accelerator,
-        precision=config.precision,
-        log_every_n_steps=config.log_every_n_steps,
-        validate=validate,
-        progress=progress,
-    )
-    if not validate:
-        # TorchGeo's ReduceLROnPlateau watches `val_loss`, which is never logged without a
-        # validation split; watch the training loss instead.
-        task.monitor = 'train_loss'
-    trainer.fit(task, datamodule=data)
-    if validate:
-        trainer.validate(task, datamodule=data, verbose=False)
-    return trainer
-
-
-def export_run(trainer: lightning.Trainer, run_dir: Path, card: ModelCard) -> RunResult:
-    """Write ``model.ckpt`` (weights and hyperparameters only) and ``model_card.json``.
-
-    Both are written atomically; the checkpoint through the trainer so that, under DDP, only
-    rank 0 writes it.
-    """
-    model = run_dir / MODEL_NAME
-    trainer.save_checkpoint(model, weights_only=True)
-    card_file = run_dir / 'model_card.json'
-    if trainer.is_global_zero:
-        write_card(card_file, card, overwrite=True)
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-    return RunResult(run_dir, model, card_file, trainer.global_step, metrics)
-
-
-def load_trained[T: BaseTask](
-    run_dir: PathLike, task_class: type[T], task: str, hint: str = ''
-) -> tuple[T, ModelCard]:
-    """The trained task of a fine-tuning run folder and its card.
-
-    Args:
-        run_dir: A run folder written by a fine-tuning run.
-        task_class: The Lightning task the run trained.
-        task: The card's ``task`` that run folder must have.
-        hint: Added to the error of a card of another task.
-
-    Raises:
-        InputError: No card or checkpoint, a card of another task, or an unreadable checkpoint.
-    """
-    card = read_card(run_dir)
-    if card.task != task:
-        raise InputError(run_dir, f'not a {task} model (task: {card.task}){hint}')
-    checkpoint = Path(run_dir) / MODEL_NAME
-    if not checkpoint.is_file():
-        raise InputError(run_dir, f'no {MODEL_NAME} in this folder')
-    try:
-        trained = task_class.load_from_checkpoint(checkpoint, map_location='cpu')
-    except (KeyError, RuntimeError, EOFError, ValueError, TypeError) as exc:
-        raise InputError(checkpoint, f'cannot load {task} model ({exc})') from None
-    return trained, card
-
-
 def _segmentation_card(
     config: SegmentConfig,
     data: SegmentationDataModule,
     encoder: EncoderInit,
     colors: list[tuple[int, int, int] | None] | None,
 ) -> ModelCard:
-    """The card of a trained segmentation model (see the module docstring)."""
+    """The card of a trained segmentation model: bands, normalisation, classes, provenance."""
     palette = default_classes(len(data.class_names))
     classes = [
         ClassInfo(name, (colors[i] if colors and colors[i] else None) or palette[i].color)
@@ -464,7 +245,7 @@ def _segmentation_card(
         mean=data.mean.tolist(),
         std=data.std.tolist(),
         patch_size=config.patch_size,
-        resolution=metres_per_pixel(images.crs, images.res[0]),
+        resolution=images.ground_resolution,
         data={
             'rasters': images.files,
             'labels': str(Path(config.labels).resolve()),  # type: ignore[arg-type]

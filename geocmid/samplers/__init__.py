@@ -1,1 +1,1 @@
-"""samplers"""
+"""Patch samplers: nodata-aware random patches, shares of a data set per DDP rank."""

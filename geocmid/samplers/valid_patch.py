@@ -16,6 +16,7 @@ from torchgeo.samplers import SpatialSampler
 
 from geocmid.datasets.geo_raster import GeoRasterDataset, Placement
 from geocmid.errors import InputError
+from geocmid.raster.locations import reads_remotely
 
 #: Largest validity grid per file, in cells per side: bounds memory for large scenes.
 MAX_GRID_CELLS = 128
@@ -82,10 +83,34 @@ class ValidityGrid:
 
     @classmethod
     def build(cls, dataset: GeoRasterDataset, i: int) -> ValidityGrid:
-        """Count the valid pixels of file ``i`` by windows (bounded memory, one pass)."""
+        """Count the valid pixels of file ``i`` by windows (bounded memory, one pass).
+
+        A file read over the network is not read whole: its validity is read once at one
+        pixel per block (from an overview where it has one, see
+        :meth:`~geocmid.datasets.geo_raster.GeoRasterDataset.read_valid_coarse`) and a block
+        counts as wholly valid or invalid, an estimate rather than a bound
+        (``docs/data.md#remote-rasters``).
+        """
         p = dataset.placements[i]
         cell = max(MIN_CELL, math.ceil(max(p.height, p.width) / MAX_GRID_CELLS))
         counts = np.zeros((math.ceil(p.height / cell), math.ceil(p.width / cell)), np.int64)
+        top = np.arange(counts.shape[0]) * cell
+        left = np.arange(counts.shape[1]) * cell
+        areas = np.outer(
+            np.minimum(top + cell, p.height) - top, np.minimum(left + cell, p.width) - left
+        )
+        if reads_remotely(dataset.files[i]):
+            counts = np.where(dataset.read_valid_coarse(i, counts.shape), areas, 0)
+        else:
+            counts = cls._count(dataset, i, cell, counts)
+        table = np.zeros((counts.shape[0] + 1, counts.shape[1] + 1), np.int64)
+        table[1:, 1:] = (areas - counts).cumsum(axis=0).cumsum(axis=1)
+        return cls(cell, p.height, p.width, counts, np.cumsum(counts.ravel()), table)
+
+    @staticmethod
+    def _count(dataset: GeoRasterDataset, i: int, cell: int, counts: np.ndarray) -> np.ndarray:
+        """Exact valid pixels per block of file ``i``, read window by window into ``counts``."""
+        p = dataset.placements[i]
         chunk = cell * max(1, 1024 // cell)
         for row in range(0, p.height, chunk):
             for col in range(0, p.width, chunk):
@@ -95,14 +120,7 @@ class ValidityGrid:
                 rows, cols = padded.shape[0] // cell, padded.shape[1] // cell
                 block = padded.reshape(rows, cell, cols, cell).sum(axis=(1, 3))
                 counts[row // cell : row // cell + rows, col // cell : col // cell + cols] = block
-        top = np.arange(counts.shape[0]) * cell
-        left = np.arange(counts.shape[1]) * cell
-        areas = np.outer(
-            np.minimum(top + cell, p.height) - top, np.minimum(left + cell, p.width) - left
-        )
-        table = np.zeros((counts.shape[0] + 1, counts.shape[1] + 1), np.int64)
-        table[1:, 1:] = (areas - counts).cumsum(axis=0).cumsum(axis=1)
-        return cls(cell, p.height, p.width, counts, np.cumsum(counts.ravel()), table)
+        return counts
 
     @property
     def total(self) -> int:
@@ -300,7 +318,8 @@ class ValidPatchSampler(SpatialSampler):
                     accepted[k] = self.roi.contains(box)
             keep = np.flatnonzero(accepted)
             if keep.size:
-                return list(zip(files[keep].tolist(), rows[keep].tolist(), cols[keep].tolist()))
+                kept = (files[keep].tolist(), rows[keep].tolist(), cols[keep].tolist())
+                return list(zip(*kept, strict=True))
         raise RuntimeError(
             f'no patch with at most {self.max_nodata_fraction:.0%} nodata in '
             f'{MAX_BATCHES * n} draws'

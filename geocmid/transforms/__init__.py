@@ -1,1 +1,1 @@
-"""transforms"""
+"""Batch augmentations on the device, and per-rank random streams for them."""

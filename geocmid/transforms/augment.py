@@ -1,16 +1,18 @@
 """CMID's two views of a patch, cut on the device, with the geometry of every crop recorded.
 
-Each sampled patch (B, C, S, S), already normalised, yields two crops (spec cmid.md 9):
+Each sampled patch (B, C, S, S), already normalised, yields two crops
+(``docs/cmid.md#views-and-augmentations``):
 
 * crop A: RandomResizedCrop (scale (0.3, 1), ratio (3/4, 4/3)) and a horizontal flip (p 0.5);
 * crop B: an independent crop and flip, then the photometric set (colour jitter, blur, noise,
   solarisation, grayscale for RGB; brightness, contrast, blur and noise for other bands).
 
-GeRSP's views need no geometry: :func:`moco_view` is one MoCo v1 view (spec gersp.md 4.2).
+GeRSP's views need no geometry: :func:`moco_view` is one MoCo v1 view
+(``docs/gersp.md#augmentation``).
 
 Every crop is described by its box in patch pixels and its flip flag (:class:`CropGeometry`), so the
-local branch can match tokens by where they really lie in the patch (geocmid's fix of defect D2,
-see :mod:`geocmid.models.matching`).
+local branch can match tokens by where they really lie in the patch (geocmid's fix of the official
+local matching, ``docs/cmid.md#deviations``; see :mod:`geocmid.models.matching`).
 
 Coordinates are continuous pixel coordinates: pixel ``(i, j)`` of the patch covers
 ``[j, j + 1) x [i, i + 1)`` and its centre is ``(j + 0.5, i + 0.5)``. A box ``[x0, y0, x1, y1]``
@@ -166,7 +168,7 @@ class RandomGaussNoise(K.IntensityAugmentationBase2D):
 
 
 def rgb_photometric(mean: Tensor, std: Tensor) -> K.ImageSequential:
-    """Crop B's photometric set for RGB (spec cmid.md 9), on normalised input.
+    """Crop B's photometric set for RGB (docs/cmid.md#views-and-augmentations), normalised.
 
     The official pipeline applies these operations to uint8 images, and hue, saturation,
     solarisation and clipping only make sense on a fixed [0, 1] range. The batch is therefore
@@ -355,7 +357,7 @@ def moco_view(
     rgb: bool = False,
     scale: tuple[float, float] = (0.2, 1.0),
 ) -> K.ImageSequential:
-    """One MoCo v1 view of a normalised batch, GeRSP's augmentation (spec gersp.md 4.2).
+    """One MoCo v1 view of a normalised batch (docs/gersp.md#augmentation).
 
     In MoCo v1 order: RandomResizedCrop to ``size`` (area ``scale``), then for RGB grayscale
     (p 0.2) and colour jitter (brightness, contrast, saturation and hue 0.4, always applied), then

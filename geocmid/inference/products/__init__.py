@@ -1,1 +1,1 @@
-"""inference/products"""
+"""The products of trained models: segmentation, change, embeddings, classification."""

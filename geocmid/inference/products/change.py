@@ -1,35 +1,33 @@
-"""Change detection on an image pair: what it adds to the streaming segmentation machinery.
+"""Change detection on image pairs: what change adds to the dense-product pipeline.
 
-A pair runs through the same engine (:func:`~geocmid.inference.engine.predict_scene`) and the
-same writers (:class:`~geocmid.io.cog.PredictionWriter`, :func:`~geocmid.io.vectors.polygonize`)
-as a single scene. What change adds is small:
+A pair runs through the same dense-product pipeline as a single scene
+(:mod:`geocmid.inference.dense`: the streaming engine, the COG writer, polygons, many inputs on
+one device or several). What change adds is small:
 
 * :class:`PairSource` reads both dates of an :class:`~geocmid.datasets.pairs.AlignedPair` on the
   before image's grid and stacks them on the channel axis, ``(2C, h, w)``, so the engine sees
   an ordinary ``C``-to-``K`` window source; the validity is the union of both images' nodata;
 * the model is a siamese network behind :class:`StackedPair`, which splits the channels back
-  into TorchGeo's ``(B, T=2, C, h, w)`` layout, or, without a trained model, the label-free
-  :class:`FeatureDistance` of a pretrained encoder;
-* the threshold on the blended change score may be found by Otsu's method, which needs the
-  whole score distribution: the scores are then spooled to a temporary raster while their
-  histogram is counted, and replayed into the writer once the threshold is known;
+  into TorchGeo's ``(B, T=2, C, h, w)`` layout, or, without a trained model, a label-free
+  score (:mod:`geocmid.inference.change_scores`: ``fusion`` of IR-MAD and a pretrained
+  encoder's features by default, or ``irmad``, ``features``, ``cva``), fitted on a sample of
+  the pair before the scene is streamed;
+* the change score is cut at 0.5 for a trained model; a label-free score by a rule found from
+  the scene's scores (Kittler-Illingworth by default, :mod:`geocmid.inference.thresholds`);
 * many pairs: a CSV, a pair folder or (before, after) tuples, one set of outputs per pair in an
-  output folder (:func:`~geocmid.inference.jobs.run_jobs`, as for many scenes).
+  output folder, each error naming where the pair was listed.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
-import geopandas as gpd
 import numpy as np
-import rasterio
 import torch
 from einops import rearrange
 from rasterio.windows import Window
@@ -37,7 +35,6 @@ from torch import Tensor, nn
 
 from geocmid.datasets.pairs import (
     AlignedPair,
-    Grid,
     PairRecord,
     align_pair,
     pair_statistics,
@@ -45,35 +42,46 @@ from geocmid.datasets.pairs import (
 )
 from geocmid.errors import InputError
 from geocmid.inference.bands import model_bands
-from geocmid.inference.engine import predict_scene
-from geocmid.inference.jobs import ErrorHandler, SkipHandler, default_tile, resolve_device, run_jobs
-from geocmid.inference.outputs import (
-    check_item_outputs,
-    check_outputs,
-    check_resume,
-    output_folder,
-    provenance_tags,
+from geocmid.inference.change_methods import CHANGE_METHODS, ChangeMethod, check_method
+from geocmid.inference.change_scores import LabelFreeScore, fit_scores, logit_to_score
+from geocmid.inference.dense import (
+    DenseOutputs,
+    DenseProduct,
+    DenseResult,
+    predict_dense,
+    predict_many,
 )
-from geocmid.inference.reader import normalise_window
+from geocmid.inference.devices import worker_devices
+from geocmid.inference.jobs import ErrorHandler, SkipHandler
+from geocmid.inference.onnx_model import is_onnx, load_model
+from geocmid.inference.outputs import check_outputs, check_resume, output_folder
+from geocmid.inference.spool import Threshold, check_threshold
+from geocmid.inference.thresholds import otsu_threshold
 from geocmid.inference.tiling import Blend
-from geocmid.io.cards import ModelCard
-from geocmid.io.cog import GDAL_CACHE_BYTES, PredictionWriter, gdal_cache_limit
-from geocmid.io.vectors import polygonize
+from geocmid.io.cards import CHANGE_CLASSES, ClassInfo, ModelCard
 from geocmid.models.weights import ENCODER_NAME, load_encoder, sha256_file
 from geocmid.raster.files import BandSelection
-from geocmid.runs.change import CHANGE_CLASSES, load_change_model
-from geocmid.runs.segmentation import MODEL_NAME
+from geocmid.raster.normalise import normalise_window
+from geocmid.raster.stats import sample_windows
 from geocmid.types import PathLike
+
+# otsu_threshold is part of this module's interface (the threshold of label-free change).
+__all__ = (
+    'LAYER',
+    'ChangeModel',
+    'ChangeResult',
+    'PairSource',
+    'StackedPair',
+    'change_model',
+    'check_pair',
+    'detect_change',
+    'detect_changes',
+    'otsu_threshold',
+    'pair_records',
+)
 
 #: GeoPackage layer of the change polygons.
 LAYER = 'changes'
-
-#: Bins of the change-score histogram behind Otsu's threshold (a resolution of 1/1024).
-OTSU_BINS = 1024
-
-#: Rows and columns of the spooled score raster replayed into the writer at once.
-_REPLAY_ROWS = 256
-_REPLAY_COLUMNS = 8192
 
 
 class StackedPair(nn.Module):
@@ -92,43 +100,6 @@ class StackedPair(nn.Module):
         return self.model(rearrange(pairs, 'b (t c) h w -> b t c h w', t=2))
 
 
-class FeatureDistance(nn.Module):
-    """Label-free change score: how much a pretrained encoder's features differ between dates.
-
-    Each stage's feature maps of both dates are compared by cosine distance per feature pixel
-    (0 for parallel, 2 for opposite features), upsampled bilinearly to the window and averaged
-    over the stages, from fine (stride 2 or 4) to coarse (stride 32), so that both small and
-    large changes count. The score ``distance / 2`` lies in [0, 1]; it is returned as a logit,
-    so that the engine's sigmoid turns it back into the score before blending.
-
-    Args:
-        encoder: a timm encoder with ``forward_intermediates`` (ResNet, Swin, ...).
-    """
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def score(self, pairs: Tensor) -> Tensor:
-        """Change score in [0, 1], (B, 1, h, w), of stacked, normalised pairs (B, 2C, h, w)."""
-        before, after = pairs.chunk(2, dim=1)
-        features = self.encoder.forward_intermediates(
-            torch.cat([before, after]), intermediates_only=True
-        )
-        distance = pairs.new_zeros((pairs.shape[0], 1, *pairs.shape[-2:]))
-        for stage in features:
-            a, b = stage.float().chunk(2)
-            cosine = nn.functional.cosine_similarity(a, b, dim=1, eps=1e-6)[:, None]
-            distance += nn.functional.interpolate(
-                1.0 - cosine, size=pairs.shape[-2:], mode='bilinear', align_corners=False
-            )
-        return (distance / (2 * len(features))).clamp(0.0, 1.0)
-
-    def forward(self, pairs: Tensor) -> Tensor:
-        """The change score as a logit (see the class docstring)."""
-        return torch.logit(self.score(pairs), eps=1e-6)
-
-
 @dataclass(frozen=True)
 class ChangeModel:
     """A change model ready for the engine: a trained siamese model or a label-free encoder.
@@ -138,57 +109,103 @@ class ChangeModel:
             ``(B, 1, h, w)``.
         card: the model card: bands, normalisation, tile.
         weights: the checkpoint or encoder the network came from, for provenance.
-        label_free: True for the :class:`FeatureDistance` of an encoder.
+        label_free: True for a label-free score of an encoder (then ``network`` is the encoder
+            until :func:`detect_change` fits the score on the pair).
+        method: the label-free method (:data:`~geocmid.inference.change_scores.CHANGE_METHODS`);
+            None for a trained model.
     """
 
     network: nn.Module
     card: ModelCard
     weights: Path
     label_free: bool
+    method: ChangeMethod | None = None
 
     @classmethod
     def load(cls, run_dir: PathLike) -> ChangeModel:
-        """Load the model of a ``geocmid train change`` run folder (on the CPU, eval mode).
+        """Load a ``geocmid train change`` run folder or its ``.onnx`` export (CPU, eval mode).
 
         Raises:
-            InputError: no model card or checkpoint, a card of another task, or an unreadable
-                checkpoint.
+            InputError: no model card or checkpoint, a card of another task, an unreadable
+                checkpoint, or a bad ONNX file.
         """
-        network, card = load_change_model(run_dir)
-        return cls(StackedPair(network).eval(), card, Path(run_dir) / MODEL_NAME, False)
+        loaded = load_model(run_dir, 'change')
+        return cls(StackedPair(loaded.network).eval(), loaded.card, loaded.weights, False)
 
     @classmethod
-    def from_encoder(cls, encoder: PathLike) -> ChangeModel:
-        """The label-free :class:`FeatureDistance` of an encoder (``encoder.pt`` or run folder).
+    def from_encoder(cls, encoder: PathLike, method: str = CHANGE_METHODS[0]) -> ChangeModel:
+        """A label-free change model of an encoder (``encoder.pt``, run folder, ``random:NAME``).
+
+        Args:
+            encoder: the encoder; its card gives the bands and normalisation.
+            method: the label-free method (default ``fusion``).
 
         Raises:
-            InputError: no encoder or card, or weights that do not fit the card.
+            InputError: an unknown method, no encoder or card, or weights that do not fit the
+                card.
         """
+        method = check_method(method)
         network, card = load_encoder(encoder)
-        weights = Path(encoder) / ENCODER_NAME if Path(encoder).is_dir() else Path(encoder)
-        return cls(FeatureDistance(network).eval(), card, weights, True)
+        path = Path(encoder)
+        weights = path / ENCODER_NAME if path.is_dir() else path
+        return cls(network.eval(), card, weights, True, method)
 
     @property
-    def default_threshold(self) -> float | Literal['otsu']:
-        """0.5 on a trained model's change probability; Otsu on a label-free score."""
-        return 'otsu' if self.label_free else 0.5
+    def default_threshold(self) -> Threshold:
+        """0.5 on a trained model's change probability; Kittler-Illingworth on a label-free one."""
+        return 'ki' if self.label_free else 0.5
+
+    @property
+    def classes(self) -> Sequence[ClassInfo]:
+        """Classes of the change raster: 0 no change, 1 change."""
+        return CHANGE_CLASSES
+
+    @property
+    def num_outputs(self) -> int:
+        """One channel: the change logit (its sigmoid is the change score)."""
+        return 1
 
     @cached_property
     def sha256(self) -> str:
         """Hash of the weights, computed once however many pairs are processed."""
+        if not self.weights.is_file():  # a random encoder (``random:NAME``)
+            return ''
         return sha256_file(self.weights)
 
+    def loader(self) -> Callable[[], ChangeModel]:
+        """Loads this model again from its files (in a worker process)."""
+        if self.label_free:
+            return partial(ChangeModel.from_encoder, self.weights, self.method or 'fusion')
+        source = self.weights if is_onnx(self.weights) else self.weights.parent
+        return partial(ChangeModel.load, source)
 
-def change_model(model: PathLike | None = None, *, encoder: PathLike | None = None) -> ChangeModel:
+
+def change_model(
+    model: PathLike | None = None,
+    *,
+    encoder: PathLike | None = None,
+    method: str | None = None,
+) -> ChangeModel:
     """A trained change model (a run folder) or a label-free one (an encoder): exactly one.
 
+    Args:
+        model: a run folder of ``geocmid train change`` or its ``.onnx`` export.
+        encoder: an encoder for label-free change.
+        method: the label-free method (default ``fusion``); only with ``encoder``.
+
     Raises:
-        InputError: neither or both given, or a model that cannot be loaded.
+        InputError: neither or both given, a method with a trained model, an unknown method,
+            or a model that cannot be loaded.
     """
+    if method is not None and model is not None:
+        raise InputError('--method', 'chooses a label-free method: give --encoder, not --model')
     if (model is None) == (encoder is None):
         problem = 'give exactly one of --model (a trained change model) and --encoder (label-free)'
         raise InputError('--model', problem)
-    return ChangeModel.load(model) if model is not None else ChangeModel.from_encoder(encoder)
+    if model is not None:
+        return ChangeModel.load(model)
+    assert encoder is not None  # exactly one is given
+    return ChangeModel.from_encoder(encoder, method or CHANGE_METHODS[0])
 
 
 class PairSource:
@@ -227,141 +244,31 @@ class PairSource:
         return normalise_window(np.concatenate([before, after]), valid, self.mean, self.std, size)
 
 
-def otsu_threshold(counts: np.ndarray, edges: np.ndarray) -> float:
-    """Otsu's threshold of a histogram: the cut that maximises the between-class variance.
-
-    Written here because the scores are only ever seen as a streamed histogram (scikit-image's
-    ``threshold_otsu`` is not a dependency, and no full-scene array exists to pass it).
-
-    Args:
-        counts: pixels per bin.
-        edges: bin edges, one more than ``counts``.
-
-    Returns:
-        The lower edge of the first bin of the upper class: values ``>=`` it are class 1.
-    """
-    total = counts.sum()
-    if total == 0:
-        raise ValueError('empty histogram')
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight = np.cumsum(counts) / total  # share of the lower class, cutting after each bin
-    mean = np.cumsum(counts * centres) / total
-    with np.errstate(divide='ignore', invalid='ignore'):
-        between = (mean[-1] * weight - mean) ** 2 / (weight * (1 - weight))
-    between[~np.isfinite(between)] = -1.0  # cuts with an empty class
-    if between.max() < 0:  # a single populated bin: nothing to separate
-        return float(edges[np.flatnonzero(counts)[0] + 1])
-    return float(edges[int(np.argmax(between)) + 1])
-
-
-class ScoreSpool:
-    """A block sink that spools the blended change score and counts its histogram.
-
-    The scores go to a temporary raster, so that they can be thresholded once their whole
-    distribution is known and then replayed into the writer.
-
-    Args:
-        path: the temporary GeoTIFF (float32, NaN where invalid).
-        grid: the grid blocks come on.
-    """
-
-    def __init__(self, path: Path, grid: Grid) -> None:
-        self.path = path
-        self.counts = np.zeros(OTSU_BINS, dtype=np.int64)
-        self.edges = np.linspace(0.0, 1.0, OTSU_BINS + 1)
-        self.dataset = rasterio.open(
-            path, 'w', driver='GTiff', width=grid.width, height=grid.height, count=1,
-            dtype='float32', crs=grid.crs, transform=grid.transform, nodata=float('nan'),
-            tiled=True, blockxsize=256, blockysize=256,
-        )  # fmt: skip
-
-    def write_block(
-        self, row_off: int, col_off: int, probabilities: np.ndarray, valid: np.ndarray
-    ) -> None:
-        """Take a finished block: (1, rows, cols) scores and their validity."""
-        score = probabilities[0].astype(np.float32, copy=True)
-        self.counts += np.histogram(score[valid], bins=self.edges)[0]
-        score[~valid] = np.nan
-        window = Window(col_off, row_off, score.shape[1], score.shape[0])
-        self.dataset.write(score, 1, window=window)
-
-    def threshold(self) -> float:
-        """Otsu's threshold of the scores written so far."""
-        return otsu_threshold(self.counts, self.edges)
-
-    def replay(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-        """Yield the spooled scores the way the engine delivers blocks.
-
-        Strips of at most ``_REPLAY_COLUMNS`` columns go from left to right, rows from top to
-        bottom within a strip.
-
-        Yields:
-            ``(row_off, col_off, scores (1, rows, cols), valid (rows, cols))``.
-        """
-        self.close()
-        with rasterio.open(self.path) as src:
-            for col in range(0, src.width, _REPLAY_COLUMNS):
-                width = min(_REPLAY_COLUMNS, src.width - col)
-                for row in range(0, src.height, _REPLAY_ROWS):
-                    window = Window(col, row, width, min(_REPLAY_ROWS, src.height - row))
-                    score = src.read(1, window=window)
-                    valid = ~np.isnan(score)
-                    yield row, col, np.nan_to_num(score)[None], valid
-
-    def close(self) -> None:
-        """Finish writing the spool."""
-        self.dataset.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 @dataclass(frozen=True)
-class ChangeResult:
+class ChangeResult(DenseResult):
     """What :func:`detect_change` produced for one pair.
 
     Attributes:
         polygons: change polygons (``class_id`` 1, ``class_name`` 'change', ``area_m2``,
             ``mean_score``) in the before image's CRS.
-        threshold: the change-score threshold applied (given, 0.5, or Otsu's).
+        stats: windows processed, predicted and skipped (no valid pixel).
+        threshold: the change-score threshold applied (given, 0.5, or found by the rule), in
+            the units of the score COG and of the polygons' ``mean_score``.
+        method: the label-free method, or None for a trained model.
+        threshold_rule: the rule that found the threshold, or None for a given number.
         vector: the GeoPackage written, if any.
         raster: the binary change COG written, if any.
         probabilities: the change-score COG written, if any.
     """
 
-    polygons: gpd.GeoDataFrame
-    threshold: float
-    vector: Path | None = None
-    raster: Path | None = None
-    probabilities: Path | None = None
+    threshold: float = 0.5
+    method: str | None = None
+    threshold_rule: str | None = None
 
     @property
     def changed_area_m2(self) -> float:
         """Total area of the change polygons in square metres."""
         return float(self.polygons['area_m2'].sum())
-
-    @property
-    def paths(self) -> list[Path]:
-        """The files written: GeoPackage, change raster, scores (those asked for)."""
-        return [p for p in (self.vector, self.raster, self.probabilities) if p is not None]
-
-
-@dataclass(frozen=True)
-class PairJob:
-    """One pair of a many-pair run and where its outputs go."""
-
-    record: PairRecord
-    vector: Path | None
-    raster: Path | None
-    probabilities: Path | None
-
-    @property
-    def outputs(self) -> list[Path | None]:
-        """GeoPackage, change raster and scores (None when not asked for)."""
-        return [self.vector, self.raster, self.probabilities]
 
 
 def check_pair(
@@ -401,7 +308,7 @@ def detect_change(
     vector: PathLike | None = None,
     raster: PathLike | None = None,
     probabilities: PathLike | None = None,
-    threshold: float | Literal['otsu'] | None = None,
+    threshold: Threshold | None = None,
     min_area: float = 0.0,
     simplify: float = 0.0,
     tile: int | None = None,
@@ -414,6 +321,9 @@ def detect_change(
     device: torch.device | str = 'auto',
     overwrite: bool = False,
     progress: bool = True,
+    tta: str = 'none',
+    method: str | None = None,
+    change_fraction: float | None = None,
 ) -> ChangeResult:
     """Detect changes between two images and polygonise them.
 
@@ -433,14 +343,15 @@ def detect_change(
     Args:
         before: the earlier image.
         after: the later image.
-        model: a run folder of ``geocmid train change`` or a loaded :class:`ChangeModel`
-            (:meth:`ChangeModel.from_encoder` for label-free detection).
+        model: a run folder of ``geocmid train change``, its ``.onnx`` export, or a loaded
+            :class:`ChangeModel` (:meth:`ChangeModel.from_encoder` for label-free detection).
         vector: GeoPackage of change polygons to write (layer :data:`LAYER`).
         raster: binary change COG to write (uint8: 0 no change, 1 change, 255 nodata).
-        probabilities: change-score COG to write (probability of change, or the label-free
-            feature distance in [0, 1]).
-        threshold: score at or above which a pixel changed, or 'otsu'; default 0.5 for a
-            trained model and 'otsu' for a label-free one.
+        probabilities: change-score COG to write: the probability of change, or the label-free
+            score (float32, in the method's units) that the threshold was applied to.
+        threshold: score at or above which a pixel changed, or a rule that finds it from the
+            scene's scores: 'ki' (Kittler-Illingworth), 'otsu', 'fraction' (needs
+            ``change_fraction``); default 0.5 for a trained model, 'ki' for a label-free one.
         min_area: smallest change polygon kept, in square metres.
         simplify: polygon simplification tolerance in metres (0 keeps pixel edges).
         tile: window size in pixels; default the model card's.
@@ -455,6 +366,11 @@ def detect_change(
         device: where the model runs; 'auto' picks CUDA when available.
         overwrite: replace existing outputs.
         progress: show a progress bar over the windows.
+        tta: test-time augmentation: 'none', 'flips' or 'd4' (:mod:`geocmid.inference.tta`).
+        method: label-free only: the method, overriding the model's (``fusion``, ``irmad``,
+            ``features``, ``cva``; :mod:`geocmid.inference.change_scores`).
+        change_fraction: the expected share of changed pixels: the threshold leaves that share
+            above it (the ``fraction`` rule).
 
     Returns:
         The polygons, the threshold applied and the paths written.
@@ -462,71 +378,102 @@ def detect_change(
     Raises:
         InputError: existing or unwritable outputs, a bad pair (see
             :func:`~geocmid.datasets.pairs.align_pair`), bands the model takes but the images
-            lack, a bad threshold, or no valid pixel in the overlap.
+            lack, a bad threshold, method or change fraction, bands of different meaning in the
+            two images (label-free), or no valid pixel in the overlap.
     """
     if not isinstance(model, ChangeModel):
         model = ChangeModel.load(model)
-    outputs = [Path(p) for p in (vector, raster, probabilities) if p is not None]
-    check_outputs(outputs, overwrite, inputs=[before, after])
-    threshold = model.default_threshold if threshold is None else threshold
-    if threshold != 'otsu' and not 0.0 <= float(threshold) <= 1.0:
-        raise InputError('--threshold', f"must be between 0 and 1 or 'otsu', got {threshold}")
-    tile = tile or default_tile(model.card)
-    device = resolve_device(device)
-    network = model.network.to(device)
-    engine = dict(
-        num_classes=1, tile=tile, overlap=overlap, batch_size=batch_size, blend=blend,
-        device=device, progress=progress,
-    )  # fmt: skip
-    # Rasters not asked for are still needed by the polygons (labels, mean scores): they go to
-    # a hidden folder beside the outputs, so that renaming them into place stays on one
-    # filesystem; without outputs, to the system's temporary folder.
-    folder = outputs[0].absolute().parent if outputs else None
-    with (
-        align_pair(before, after, nodata=nodata) as pair,
-        tempfile.TemporaryDirectory(dir=folder, prefix='.geocmid-change-') as scratch,
-    ):
-        source = _pair_source(pair, model.card, _check_bands(pair, model.card, bands))
-        spool = None
-        if threshold == 'otsu':
-            # Otsu needs every score: spool them, then replay them into the writer.
-            with (
-                ScoreSpool(Path(scratch) / 'spool.tif', pair.grid) as spool,
-                gdal_cache_limit(GDAL_CACHE_BYTES),
-            ):
-                predict_scene(source, network, spool, **engine)
-            threshold = spool.threshold()
-        labels_path = Path(raster or Path(scratch) / 'change.tif')
-        scores_path = Path(probabilities or Path(scratch) / 'score.tif')
-        tags = provenance_tags(
-            model.weights, sha256=model.sha256, inputs={'before': before, 'after': after},
-            tile=tile, overlap=overlap, blend=blend, threshold=f'{threshold:.6g}', nodata=nodata,
-            model_kind='label-free feature distance' if model.label_free else 'trained',
-        )  # fmt: skip
+    if method is not None:
+        if not model.label_free:
+            raise InputError('--method', 'chooses a label-free method: give --encoder, not --model')
+        model = replace(model, method=check_method(method))
+    threshold = _threshold(model, threshold, change_fraction)
+    outputs = DenseOutputs.of(vector, raster, probabilities)
+    check_outputs(outputs.paths, overwrite, inputs=[before, after])
+    with align_pair(before, after, nodata=nodata) as pair:
+        selected = _check_bands(pair, model.card, bands)
+        source = _pair_source(pair, model.card, selected)
+        to_score = None
+        if model.label_free:
+            if bands is None:
+                _check_band_meaning(pair, selected)
+            model = replace(model, network=_fit_label_free(model, source))
+            to_score = logit_to_score
         whole = pair.before_grid
-        with PredictionWriter(
-            pair.grid, labels_path, classes=CHANGE_CLASSES, probabilities_path=scores_path,
-            probability_dtype=probability_dtype, threshold=float(threshold),
+        result = predict_dense(
+            source, model, outputs, grid=pair.grid, inputs={'before': before, 'after': after},
+            product='change', layer=LAYER, result=ChangeResult,
             output_grid=None if (whole.width, whole.height) == (pair.width, pair.height) else whole,
-            tags=tags, overwrite=overwrite,
-        ) as writer:  # fmt: skip
-            if spool is None:
-                predict_scene(source, network, writer, **engine)
-            else:
-                for block in spool.replay():
-                    writer.write_block(*block)
-        polygons = polygonize(
-            labels_path, vector, probabilities_path=scores_path,
-            class_names=[c.name for c in CHANGE_CLASSES], background=0,
-            min_area=min_area, simplify=simplify, layer=LAYER, overwrite=overwrite,
+            threshold=threshold, tile=tile, overlap=overlap, batch_size=batch_size, blend=blend,
+            probability_dtype=probability_dtype, min_area=min_area, simplify=simplify,
+            device=device, overwrite=overwrite, progress=progress, tta=tta,
+            change_fraction=change_fraction, to_score=to_score,
+            tags={
+                'nodata': nodata,
+                'model_kind': f'label-free {model.method}' if model.label_free else 'trained',
+                'threshold_rule': threshold if isinstance(threshold, str) else None,
+            },
         )  # fmt: skip
-    return ChangeResult(
-        polygons,
-        float(threshold),
-        vector=Path(vector) if vector is not None else None,
-        raster=Path(raster) if raster is not None else None,
-        probabilities=Path(probabilities) if probabilities is not None else None,
+    rule = threshold if isinstance(threshold, str) else None
+    return replace(result, method=model.method, threshold_rule=rule)
+
+
+def _threshold(
+    model: ChangeModel, threshold: Threshold | str | None, change_fraction: float | None
+) -> Threshold:
+    """The threshold or rule to apply: checked, ``fraction`` when a change fraction is given.
+
+    Raises:
+        InputError: a bad threshold, a change fraction outside (0, 1), or a change fraction
+            with another threshold.
+    """
+    if change_fraction is not None:
+        if not 0.0 < change_fraction < 1.0:
+            raise InputError('--change-fraction', f'must be in (0, 1), got {change_fraction}')
+        if threshold not in (None, 'fraction'):
+            raise InputError('--change-fraction', f'conflicts with --threshold {threshold}')
+        return 'fraction'
+    if threshold == 'fraction':
+        raise InputError('--threshold', "'fraction' needs --change-fraction")
+    chosen = model.default_threshold if threshold is None else threshold
+    return check_threshold(chosen, bounded=not model.label_free)
+
+
+def _fit_label_free(model: ChangeModel, source: PairSource, max_pixels: int = 2**20) -> nn.Module:
+    """Fit the model's label-free score on sample windows of the pair (a bounded read).
+
+    Raises:
+        InputError: no valid pixel in the sample, or a score that cannot be fitted.
+    """
+    assert model.method is not None
+    windows, _ = sample_windows(
+        source.height, source.width, (256, 256), max_pixels, np.random.default_rng(0)
     )
+    samples = (source.read(window, (window.height, window.width)) for window in windows)
+    encoder = model.network if model.method in ('features', 'fusion') else None
+    try:
+        fit = fit_scores(model.method, samples, encoder)
+    except InputError as error:
+        raise InputError(source.path, str(error).split(': ', 1)[-1]) from None
+    return LabelFreeScore(fit, encoder).eval()
+
+
+def _check_band_meaning(pair: AlignedPair, bands: tuple[int, ...]) -> None:
+    """Both images name the selected bands alike, where both name them.
+
+    Raises:
+        InputError: a band named differently in the two images (e.g. ``red`` and ``nir``):
+            comparing them measures no change; ``--bands`` aligns them explicitly.
+    """
+    names = pair.band_names
+    for band in bands:
+        first, second = (n[band - 1] if band <= len(n) else None for n in names)
+        if first and second and first.lower() != second.lower():
+            raise InputError(
+                pair.after,
+                f'band {band} is {second!r} here but {first!r} in {pair.before}; '
+                'pass --bands to say which bands to compare',
+            )
 
 
 def _pair_source(pair: AlignedPair, card: ModelCard, bands: tuple[int, ...]) -> PairSource:
@@ -570,6 +517,7 @@ def detect_changes(
     out_dir: PathLike | None = None,
     raster: bool = False,
     probabilities: bool = False,
+    devices: int | str | Sequence[str] = 1,
     device: torch.device | str = 'auto',
     fail_fast: bool = True,
     on_error: ErrorHandler | None = None,
@@ -600,7 +548,11 @@ def detect_changes(
             if missing; None writes nothing and only returns the polygons.
         raster: also write ``<name>_change.tif``, the binary change COG.
         probabilities: also write ``<name>_score.tif``, the change-score COG.
-        device: where the model runs; 'auto' picks CUDA when available.
+        devices: the number of GPUs to spread the pairs over, one worker process each
+            (``cuda:0`` ... ``cuda:N-1``), or the devices themselves (``['cuda:1', 'cuda:3']``;
+            ``['cpu', 'cpu']`` for two CPU workers); each worker loads the model from its
+            files. 1: the pairs run here on ``device``.
+        device: the device of a single-device run; 'auto' picks CUDA when available.
         fail_fast: stop at the first bad pair; otherwise report it through ``on_error`` and
             go on with the others.
         on_error: called with a pair's name and its error when ``fail_fast`` is False.
@@ -611,7 +563,7 @@ def detect_changes(
             are complete (:func:`~geocmid.inference.outputs.outputs_complete`) and process the
             others again, replacing partial or invalid outputs. Needs ``out_dir``.
         **settings: the options of :func:`detect_change` (threshold, min_area, simplify, tile,
-            overlap, batch_size, blend, nodata, probability_dtype).
+            overlap, batch_size, blend, nodata, bands, probability_dtype, tta).
 
     Returns:
         The result of each pair that was processed (not skipped) and succeeded (polygons,
@@ -619,11 +571,12 @@ def detect_changes(
         it).
 
     Raises:
-        InputError: a bad pair list, model or output folder, ``skip_existing`` with
-            ``overwrite`` or without ``out_dir``; with ``fail_fast``, the first bad pair, named
-            in the message.
+        InputError: a bad pair list, model, output folder or device list, ``skip_existing``
+            with ``overwrite`` or without ``out_dir``; with ``fail_fast``, the first bad pair,
+            named in the message.
     """
     check_resume(overwrite, skip_existing)
+    workers = worker_devices(devices, device)
     records = pair_records(pairs)
     loaded = model if isinstance(model, ChangeModel) else change_model(model, encoder=encoder)
     folder = None if out_dir is None else output_folder(out_dir)
@@ -632,41 +585,19 @@ def detect_changes(
     if folder is None and skip_existing:
         raise InputError('--skip-existing', 'skipping finished pairs needs an output folder')
 
-    def output(name: str, wanted: bool) -> Path | None:
-        return folder / name if folder is not None and wanted else None
+    def outputs(name: str) -> DenseOutputs:
+        if folder is None:
+            return DenseOutputs()
+        return DenseOutputs(
+            folder / f'{name}.gpkg',
+            folder / f'{name}_change.tif' if raster else None,
+            folder / f'{name}_score.tif' if probabilities else None,
+        )
 
-    jobs: dict[str, PairJob] = {}
-    skipped: list[str] = []
-    for record in records:
-        job = PairJob(
-            record, output(f'{record.name}.gpkg', True),
-            output(f'{record.name}_change.tif', raster),
-            output(f'{record.name}_score.tif', probabilities),
-        )  # fmt: skip
-        try:
-            record.check_files()
-            inputs = [record.before, record.after]
-            if check_item_outputs(
-                job.outputs, LAYER, overwrite=overwrite, skip_existing=skip_existing, inputs=inputs
-            ):
-                skipped.append(record.name)
-                continue
-            check_pair(
-                record.before, record.after, loaded, nodata=settings.get('nodata'),
-                bands=settings.get('bands'),
-            )  # fmt: skip
-        except InputError as exc:
-            error = _named(record, exc)
-            if fail_fast or on_error is None:
-                raise error from None
-            on_error(record.name, error)
-            continue
-        jobs[record.name] = job
-    # Resuming replaces the leftovers of the pairs that run again.
-    options = {**settings, 'overwrite': overwrite or skip_existing}
-    return run_jobs(
-        jobs, partial(_runner, loaded, options), devices=[device], fail_fast=fail_fast,
-        on_error=on_error, skipped=skipped, on_skip=on_skip, progress=progress, unit='pair',
+    return predict_many(
+        CHANGE, {record.name: record for record in records}, loaded, outputs, workers=workers,
+        fail_fast=fail_fast, on_error=on_error, on_skip=on_skip,
+        progress=progress, overwrite=overwrite, skip_existing=skip_existing, **settings,
     )  # fmt: skip
 
 
@@ -676,21 +607,33 @@ def _named(record: PairRecord, error: InputError) -> InputError:
     return error if error.source == where else InputError(where, str(error))
 
 
-def _runner(
-    model: ChangeModel, options: dict[str, Any], device: torch.device
-) -> partial[ChangeResult]:
-    """The job function of a device."""
-    return partial(_change_job, model, options, device)
+def _pair_files(record: PairRecord) -> list[Path]:
+    """The files of a pair: both images."""
+    return [record.before, record.after]
 
 
-def _change_job(
-    model: ChangeModel, options: dict[str, Any], device: torch.device, job: PairJob
+def _check(record: PairRecord, model: ChangeModel, settings: Mapping[str, Any]) -> None:
+    """Check a pair of a many-pair run (its outputs are checked by the pipeline)."""
+    record.check_files()
+    check_pair(
+        record.before, record.after, model, nodata=settings.get('nodata'),
+        bands=settings.get('bands'),
+    )  # fmt: skip
+
+
+def _predict(
+    record: PairRecord,
+    model: ChangeModel,
+    outputs: DenseOutputs,
+    device: torch.device,
+    settings: Mapping[str, Any],
 ) -> ChangeResult:
-    """Detect the changes of one pair into its output files, naming the pair in errors."""
-    try:
-        return detect_change(
-            job.record.before, job.record.after, model, vector=job.vector, raster=job.raster,
-            probabilities=job.probabilities, device=device, progress=False, **options,
-        )  # fmt: skip
-    except InputError as exc:
-        raise _named(job.record, exc) from None
+    """Detect the changes of a pair of a many-pair run into its outputs."""
+    return detect_change(
+        record.before, record.after, model, vector=outputs.vector, raster=outputs.raster,
+        probabilities=outputs.probabilities, device=device, progress=False, **settings,
+    )  # fmt: skip
+
+
+#: Change detection as a dense product of many pairs.
+CHANGE = DenseProduct('pair', LAYER, _pair_files, _check, _predict, _named)

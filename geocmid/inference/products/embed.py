@@ -19,14 +19,15 @@ import torch
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
-from tqdm import tqdm
 
 from geocmid.errors import InputError
-from geocmid.evaluation.evaluate import global_average_pooled, resolve_device, seeded_encoder
-from geocmid.inference.reader import SceneReader, open_scene
+from geocmid.inference.devices import resolve_device
+from geocmid.inference.encoders import global_average_pooled, seeded_encoder
 from geocmid.inference.tiling import window_starts
 from geocmid.io.atomic import atomic_output, check_writable
+from geocmid.progress import progress_bar
 from geocmid.raster.files import ValidityRule, crs_name, find_rasters, raster_band_stats
+from geocmid.raster.scene import SceneReader, open_scene
 from geocmid.raster.stats import BandStats
 from geocmid.types import PathLike
 
@@ -121,7 +122,7 @@ def embed(
     for path in files:
         with SceneReader(path, bands=indexes, mean=mean, std=std) as reader:
             windows = grid_windows(reader.height, reader.width, tile, stride)
-            bar = tqdm(windows, desc=path.name, unit='window', disable=not progress)
+            bar = progress_bar(windows, desc=path.name, unit='window', disable=not progress)
             for window, fraction, vector in _embed_windows(model, reader, bar, batch_size):
                 rows.append(
                     {

@@ -1,31 +1,27 @@
 """Segmentation of whole scenes with a trained model: class polygons and rasters per scene.
 
-What segmentation adds to the streaming engine (:func:`~geocmid.inference.engine.predict_scene`)
-and the writers (:class:`~geocmid.io.cog.PredictionWriter`, :func:`~geocmid.io.vectors.polygonize`)
-is small:
+What segmentation adds to the dense-product pipeline (:mod:`geocmid.inference.dense`: the
+streaming engine, the COG writer, polygons, many inputs) is small:
 
 * :class:`SegmentationModel`, the network and card of a ``geocmid train segment`` run folder;
   the card says which bands to read, how to normalise them (the same as in training), the
   classes with their colours, the tile and the ground resolution;
 * the check that a scene gives the bands the model takes;
-* per scene, a label COG (and optionally a probability COG) on the scene's own grid, polygonised
-  as a whole into a GeoPackage layer;
-* many scenes: globs, folders and lists, one set of outputs per scene in an output folder, on
-  one device or spread over several (:func:`~geocmid.inference.jobs.run_jobs`).
+* the scene read window by window on its own grid or resampled to the model's resolution, the
+  outputs always on the scene's grid;
+* many scenes: globs, folders and lists, one set of outputs per scene in an output folder.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
-import geopandas as gpd
 import torch
 from pyproj import CRS
 from rasterio.io import DatasetReader
@@ -33,31 +29,23 @@ from torch import nn
 
 from geocmid.errors import InputError
 from geocmid.inference.bands import model_bands
-from geocmid.inference.engine import InferenceStats, predict_scene
-from geocmid.inference.jobs import (
-    ErrorHandler,
-    SkipHandler,
-    cuda_devices,
-    default_tile,
-    resolve_device,
-    run_jobs,
+from geocmid.inference.dense import (
+    DenseOutputs,
+    DenseProduct,
+    DenseResult,
+    predict_dense,
+    predict_many,
 )
-from geocmid.inference.outputs import (
-    check_item_outputs,
-    check_outputs,
-    check_resume,
-    output_folder,
-    provenance_tags,
-    unique_names,
-)
-from geocmid.inference.reader import SceneReader, open_scene
+from geocmid.inference.devices import worker_devices
+from geocmid.inference.jobs import ErrorHandler, SkipHandler
+from geocmid.inference.onnx_model import is_onnx, load_model
+from geocmid.inference.outputs import check_outputs, check_resume, output_folder, unique_names
 from geocmid.inference.tiling import Blend
 from geocmid.io.cards import ClassInfo, ModelCard
-from geocmid.io.cog import PredictionWriter
-from geocmid.io.vectors import metres_to_crs_units, polygonize
 from geocmid.models.weights import sha256_file
 from geocmid.raster.files import BandSelection, find_rasters
-from geocmid.runs.segmentation import MODEL_NAME, load_segmentation_model
+from geocmid.raster.scene import SceneReader, open_scene
+from geocmid.raster.units import metres_to_crs_units
 from geocmid.types import PathLike
 
 #: ``'scene'`` (or None): the scene's own grid; ``'model'``: the card's ground resolution; a
@@ -87,21 +75,21 @@ class SegmentationModel:
 
     @classmethod
     def load(cls, run_dir: PathLike) -> SegmentationModel:
-        """Load the model of a ``geocmid train segment`` run folder (on the CPU, eval mode).
+        """Load a ``geocmid train segment`` run folder or its ``.onnx`` export (CPU, eval mode).
 
         Raises:
             InputError: no model card or checkpoint, a card of another task or without
-                classes, or an unreadable checkpoint.
+                classes, an unreadable checkpoint, or a bad ONNX file.
         """
-        network, card = load_segmentation_model(run_dir)
-        if card.classes is None or len(card.classes) < 2:
+        loaded = load_model(run_dir, 'segmentation')
+        if loaded.card.classes is None or len(loaded.card.classes) < 2:
             raise InputError(run_dir, 'the model card lists no classes')
-        return cls(network, card, Path(run_dir) / MODEL_NAME)
+        return cls(loaded.network, loaded.card, loaded.weights)
 
     @property
     def run_dir(self) -> Path:
-        """The run folder the model was loaded from."""
-        return self.weights.parent
+        """The run folder the model was loaded from, or its ONNX file."""
+        return self.weights if is_onnx(self.weights) else self.weights.parent
 
     @property
     def classes(self) -> list[ClassInfo]:
@@ -109,50 +97,34 @@ class SegmentationModel:
         assert self.card.classes is not None  # checked by load()
         return self.card.classes
 
+    @property
+    def num_outputs(self) -> int:
+        """Channels of the logits: one per class."""
+        return len(self.classes)
+
     @cached_property
     def sha256(self) -> str:
         """Hash of the checkpoint, computed once however many scenes are segmented."""
         return sha256_file(self.weights)
 
+    def loader(self) -> Callable[[], SegmentationModel]:
+        """Loads this model again from its run folder (in a worker process)."""
+        return partial(SegmentationModel.load, self.run_dir)
+
 
 @dataclass(frozen=True)
-class SegmentResult:
+class SegmentResult(DenseResult):
     """What :func:`segment_scene` produced for one scene.
 
     Attributes:
         polygons: class polygons (``class_id``, ``class_name``, ``area_m2``, ``mean_score``)
             in the scene's CRS; background (class 0) is not polygonised.
         stats: windows processed, predicted and skipped (no valid pixel).
+        threshold: None (classes are the argmax of the probabilities).
         vector: the GeoPackage written, if any.
         raster: the label COG written, if any.
         probabilities: the probability COG written, if any.
     """
-
-    polygons: gpd.GeoDataFrame
-    stats: InferenceStats
-    vector: Path | None = None
-    raster: Path | None = None
-    probabilities: Path | None = None
-
-    @property
-    def paths(self) -> list[Path]:
-        """The files written: GeoPackage, labels, probabilities (those asked for)."""
-        return [p for p in (self.vector, self.raster, self.probabilities) if p is not None]
-
-
-@dataclass(frozen=True)
-class SceneJob:
-    """One scene of a many-scene run and where its outputs go."""
-
-    scene: Path
-    vector: Path
-    raster: Path
-    probabilities: Path | None
-
-    @property
-    def outputs(self) -> list[Path | None]:
-        """GeoPackage, labels and probabilities (None when not asked for)."""
-        return [self.vector, self.raster, self.probabilities]
 
 
 def find_scenes(scenes: PathLike | Iterable[PathLike]) -> list[Path]:
@@ -248,6 +220,7 @@ def segment_scene(
     device: torch.device | str = 'auto',
     overwrite: bool = False,
     progress: bool = True,
+    tta: str = 'none',
 ) -> SegmentResult:
     """Segment a scene and polygonise its classes.
 
@@ -265,8 +238,8 @@ def segment_scene(
 
     Args:
         scene: the scene (any georeferenced raster GDAL reads).
-        model: a run folder of ``geocmid train segment`` or a loaded model
-            (:meth:`SegmentationModel.load`).
+        model: a run folder of ``geocmid train segment``, its ``.onnx`` export (``geocmid
+            export``, run by onnxruntime) or a loaded model (:meth:`SegmentationModel.load`).
         vector: GeoPackage of class polygons to write (layer :data:`LAYER`).
         raster: label COG to write (class ids, the card's palette and class names).
         probabilities: probability COG to write (one band per class).
@@ -284,6 +257,7 @@ def segment_scene(
         device: where the model runs; 'auto' picks CUDA when available.
         overwrite: replace existing outputs.
         progress: show a progress bar over the windows.
+        tta: test-time augmentation: 'none', 'flips' or 'd4' (:mod:`geocmid.inference.tta`).
 
     Returns:
         The polygons, the window counts and the paths written.
@@ -294,53 +268,22 @@ def segment_scene(
     """
     if not isinstance(model, SegmentationModel):
         model = SegmentationModel.load(model)
-    outputs = [Path(p) for p in (vector, raster, probabilities) if p is not None]
+    outputs = DenseOutputs.of(vector, raster, probabilities)
     selected, spacing = check_scene(
-        scene, model.card, outputs, overwrite=overwrite, bands=bands, resolution=resolution
+        scene, model.card, outputs.paths, overwrite=overwrite, bands=bands, resolution=resolution
     )
-    device = resolve_device(device)
-    tile = tile or default_tile(model.card)
-    classes = model.classes
-    tags = provenance_tags(
-        model.weights, sha256=model.sha256, inputs={'scene': scene}, tile=tile,
-        overlap=overlap, blend=blend, nodata=nodata, resolution=spacing,
-    )  # fmt: skip
-    network = model.network.to(device)
-    # Rasters not asked for are still needed by the polygons (labels, mean scores): they go to
-    # a hidden folder beside the outputs, so that renaming them into place stays on one
-    # filesystem; without outputs, to the system's temporary folder.
-    folder = outputs[0].absolute().parent if outputs else None
-    with tempfile.TemporaryDirectory(dir=folder, prefix='.geocmid-segment-') as scratch:
-        labels_path = Path(raster or Path(scratch) / 'labels.tif')
-        scores_path = Path(probabilities or Path(scratch) / 'probabilities.tif')
-        with (
-            SceneReader(
-                scene, bands=selected, mean=model.card.mean, std=model.card.std,
-                resolution=spacing, nodata=nodata,
-            ) as reader,
-            PredictionWriter(
-                reader, labels_path, classes=classes, probabilities_path=scores_path,
-                probability_dtype=probability_dtype,
-                output_grid=reader.scene if reader.warped else None, tags=tags,
-                overwrite=overwrite,
-            ) as writer,
-        ):  # fmt: skip
-            stats = predict_scene(
-                reader, network, writer, num_classes=len(classes), tile=tile, overlap=overlap,
-                batch_size=batch_size, blend=blend, device=device, progress=progress,
-            )  # fmt: skip
-        polygons = polygonize(
-            labels_path, vector, probabilities_path=scores_path,
-            class_names=[c.name for c in classes], min_area=min_area, simplify=simplify,
-            layer=LAYER, overwrite=overwrite,
+    with SceneReader(
+        scene, bands=selected, mean=model.card.mean, std=model.card.std, resolution=spacing,
+        nodata=nodata,
+    ) as reader:  # fmt: skip
+        return predict_dense(
+            reader, model, outputs, grid=reader, inputs={'scene': scene}, product='segment',
+            layer=LAYER, result=SegmentResult, output_grid=reader.scene if reader.warped else None,
+            tile=tile, overlap=overlap, batch_size=batch_size, blend=blend,
+            probability_dtype=probability_dtype, min_area=min_area, simplify=simplify,
+            device=device, overwrite=overwrite, progress=progress, tta=tta,
+            tags={'nodata': nodata, 'resolution': spacing},
         )  # fmt: skip
-    return SegmentResult(
-        polygons,
-        stats,
-        vector=Path(vector) if vector is not None else None,
-        raster=Path(raster) if raster is not None else None,
-        probabilities=Path(probabilities) if probabilities is not None else None,
-    )
 
 
 def segment_scenes(
@@ -349,7 +292,7 @@ def segment_scenes(
     out_dir: PathLike,
     *,
     probabilities: bool = False,
-    devices: int | Sequence[str] = 1,
+    devices: int | str | Sequence[str] = 1,
     device: torch.device | str = 'auto',
     fail_fast: bool = True,
     on_error: ErrorHandler | None = None,
@@ -389,7 +332,7 @@ def segment_scenes(
             are complete (:func:`~geocmid.inference.outputs.outputs_complete`) and segment the
             others again, replacing partial or invalid outputs.
         **settings: the options of :func:`segment_scene` (bands, nodata, resolution, tile,
-            overlap, batch_size, blend, probability_dtype, min_area, simplify).
+            overlap, batch_size, blend, probability_dtype, min_area, simplify, tta).
 
     Returns:
         The result of each scene that was segmented (not skipped) and succeeded, by name.
@@ -399,83 +342,47 @@ def segment_scenes(
             ``overwrite``; with ``fail_fast``, the first bad scene.
     """
     check_resume(overwrite, skip_existing)
-    workers = _devices(devices, device)
+    workers = worker_devices(devices, device)
     loaded = model if isinstance(model, SegmentationModel) else SegmentationModel.load(model)
     paths = find_scenes(scenes)
     folder = output_folder(out_dir)
-    jobs: dict[str, SceneJob] = {}
-    skipped: list[str] = []
-    for name, scene in zip(unique_names(paths), paths, strict=True):
-        job = SceneJob(
-            scene, folder / f'{name}.gpkg', folder / f'{name}.tif',
-            folder / f'{name}{PROBABILITIES_SUFFIX}.tif' if probabilities else None,
-        )  # fmt: skip
-        try:
-            if check_item_outputs(
-                job.outputs, LAYER, overwrite=overwrite, skip_existing=skip_existing, inputs=paths
-            ):
-                skipped.append(name)
-                continue
-            check_scene(
-                scene, loaded.card, [], bands=settings.get('bands'),
-                resolution=settings.get('resolution'),
-            )  # fmt: skip
-        except InputError as exc:
-            if fail_fast or on_error is None:
-                raise
-            on_error(name, exc)
-            continue
-        jobs[name] = job
-    # Resuming replaces the leftovers of the scenes that run again.
-    options = {**settings, 'overwrite': overwrite or skip_existing}
-    if len(workers) == 1:
-        # One device: the model loaded above runs here, the scenes one after the other.
-        runner = partial(_runner_for_model, loaded, options)
-    else:
-        # Several: each worker process loads the model once from the run folder.
-        runner = partial(_runner_for_run_dir, loaded.run_dir, options)
-    return run_jobs(
-        jobs, runner, devices=workers, fail_fast=fail_fast, on_error=on_error, skipped=skipped,
-        on_skip=on_skip, progress=progress,
+
+    def outputs(name: str) -> DenseOutputs:
+        scores = folder / f'{name}{PROBABILITIES_SUFFIX}.tif' if probabilities else None
+        return DenseOutputs(folder / f'{name}.gpkg', folder / f'{name}.tif', scores)
+
+    return predict_many(
+        SEGMENTATION, dict(zip(unique_names(paths), paths, strict=True)), loaded, outputs,
+        workers=workers, fail_fast=fail_fast, on_error=on_error, on_skip=on_skip,
+        progress=progress, overwrite=overwrite, skip_existing=skip_existing, **settings,
     )  # fmt: skip
 
 
-def _devices(devices: int | Sequence[str], device: torch.device | str) -> list[str]:
-    """One device per worker: N GPUs for an integer above 1, else ``device`` alone."""
-    if isinstance(devices, str):  # one name, not a sequence of letters
-        devices = [devices]
-    if isinstance(devices, int):
-        if devices == 1:
-            return [str(device)]
-        workers = [str(d) for d in cuda_devices(devices)]
-    else:
-        workers = [str(d) for d in devices]
-        if not workers:
-            raise InputError('--devices', 'no device given')
-    if device != 'auto':
-        raise InputError('--device', 'give either one --device or several --devices, not both')
-    return workers
+def _scene_files(scene: Path) -> list[Path]:
+    """The files of a scene: itself."""
+    return [scene]
 
 
-def _runner_for_model(
-    model: SegmentationModel, options: dict[str, Any], device: torch.device
-) -> partial[SegmentResult]:
-    """The job function of one device for a model already loaded."""
-    return partial(_segment_job, model, options, device)
+def _check(scene: Path, model: SegmentationModel, settings: Mapping[str, Any]) -> None:
+    """Check a scene of a many-scene run (its outputs are checked by the pipeline)."""
+    check_scene(
+        scene, model.card, [], bands=settings.get('bands'), resolution=settings.get('resolution')
+    )
 
 
-def _runner_for_run_dir(
-    run_dir: Path, options: dict[str, Any], device: torch.device
-) -> partial[SegmentResult]:
-    """The job function of one worker process: loads the model there, once."""
-    return partial(_segment_job, SegmentationModel.load(run_dir), options, device)
-
-
-def _segment_job(
-    model: SegmentationModel, options: dict[str, Any], device: torch.device, job: SceneJob
+def _predict(
+    scene: Path,
+    model: SegmentationModel,
+    outputs: DenseOutputs,
+    device: torch.device,
+    settings: Mapping[str, Any],
 ) -> SegmentResult:
-    """Segment the scene of one job into its output files."""
+    """Segment a scene of a many-scene run into its outputs."""
     return segment_scene(
-        job.scene, model, vector=job.vector, raster=job.raster, probabilities=job.probabilities,
-        device=device, progress=False, **options,
+        scene, model, vector=outputs.vector, raster=outputs.raster,
+        probabilities=outputs.probabilities, device=device, progress=False, **settings,
     )  # fmt: skip
+
+
+#: Segmentation as a dense product of many scenes.
+SEGMENTATION = DenseProduct('scene', LAYER, _scene_files, _check, _predict)

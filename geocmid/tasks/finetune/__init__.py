@@ -1,1 +1,1 @@
-"""tasks/finetune"""
+"""Fine-tuning tasks: segmentation, change detection, scene classification."""

@@ -6,15 +6,11 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from torch import Tensor, nn
-from torchgeo.models import FCSiamConc, FCSiamDiff
 from torchgeo.tasks import ChangeDetection
 
 from geocmid.datasets.change_patches import IGNORE_INDEX
-from geocmid.tasks.finetune.segmentation import load_timm_state_dict
-
-#: Siamese decoders geocmid offers: both take C-channel encoder weights (early-fusion models,
-#: whose first convolution takes 2C channels, cannot, ``torchgeo-0.10.md`` 1.6).
-DECODERS = ('fcsiamdiff', 'fcsiamconc')
+from geocmid.models.networks import change_network
+from geocmid.tasks.finetune.encoder import EncoderSetup
 
 
 class MaskedBCEWithLogitsLoss(nn.Module):
@@ -44,7 +40,7 @@ class MaskedBCEWithLogitsLoss(nn.Module):
         )
 
 
-class Change(ChangeDetection):
+class Change(EncoderSetup, ChangeDetection):
     """Binary change detection: a shared timm encoder applied to both dates, a U-Net decoder.
 
     TorchGeo's :class:`~torchgeo.tasks.ChangeDetection` provides the training and validation
@@ -56,7 +52,8 @@ class Change(ChangeDetection):
       plain timm state dict (``encoder.pt`` of ``geocmid pretrain`` or ``import-weights``);
       TorchGeo loads only weight enums or Lightning checkpoints with smp keys;
     * nodata pixels (target 255) are ignored by the loss as well as the metrics: TorchGeo's
-      'bce' loss has no ignore index.
+      'bce' loss has no ignore index;
+    * a frozen encoder that keeps BatchNorm in eval mode (:mod:`geocmid.tasks.finetune.encoder`).
 
     The model maps normalised ``(B, 2, C, H, W)`` pairs (before, after) to change logits
     ``(B, 1, H, W)``.
@@ -93,7 +90,8 @@ class Change(ChangeDetection):
             pos_weight: Weight of change pixels in the 'bce' loss.
             lr: Learning rate.
             patience: Patience of the learning-rate scheduler, in epochs.
-            freeze_backbone: Keep the encoder fixed and train the decoder only.
+            freeze_backbone: Train the decoder only; the encoder keeps its weights and its
+                BatchNorm statistics (:mod:`geocmid.tasks.finetune.encoder`).
         """
         self.encoder_weights = weights
         super().__init__(
@@ -110,19 +108,19 @@ class Change(ChangeDetection):
         )
 
     def configure_models(self) -> None:
-        """Build the siamese model, load the encoder weights and freeze the encoder if asked."""
-        architecture = {'fcsiamdiff': FCSiamDiff, 'fcsiamconc': FCSiamConc}[self.hparams['model']]
-        self.model = architecture(
-            encoder_name=f'tu-{self.hparams["backbone"]}',
-            encoder_weights=None,  # geocmid never downloads weights at run time
-            in_channels=self.hparams['in_channels'],
-            classes=1,
-            **(self.hparams['backbone_kwargs'] or {}),
+        """Build the siamese network (:func:`~geocmid.models.networks.change_network`)."""
+        self.model = change_network(
+            self.hparams['model'],
+            self.hparams['backbone'],
+            self.hparams['in_channels'],
+            self.hparams['backbone_kwargs'],
+            self.encoder_weights,
         )
-        if self.encoder_weights is not None:
-            load_timm_state_dict(self.model.encoder, self.encoder_weights)
-        if self.hparams['freeze_backbone']:
-            self.model.encoder.requires_grad_(False)
+        self.freeze_if_asked()
+
+    def encoder_parts(self) -> tuple[nn.Module, nn.Module | None]:
+        """The encoder both dates share; the decoder lies outside it."""
+        return self.model.encoder, None
 
     def configure_losses(self) -> None:
         """Masked BCE for 'bce'; TorchGeo's losses (which honour the ignore index) otherwise."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import timm
 from torch import Tensor, nn
 from torchgeo.tasks import Classification
 
+from geocmid.models.networks import classification_network
+from geocmid.tasks.finetune.encoder import EncoderSetup
 
-class SceneClassification(Classification):
+
+class SceneClassification(EncoderSetup, Classification):
     """Multiclass scene classification: a timm encoder with a linear classifier.
 
     TorchGeo's :class:`~torchgeo.tasks.Classification` provides the training, validation and
@@ -19,7 +21,8 @@ class SceneClassification(Classification):
     a plain timm state dict (``encoder.pt`` from ``geocmid pretrain`` or ``import-weights``)
     strictly into every layer but the new classifier, and the encoder's ``backbone_kwargs``
     (e.g. a Swin's ``img_size``). TorchGeo loads only weight enums and Lightning checkpoints,
-    non-strictly, so a mismatch would pass silently.
+    non-strictly, so a mismatch would pass silently. A frozen encoder keeps BatchNorm in eval
+    mode (:mod:`geocmid.tasks.finetune.encoder`).
 
     The model maps normalised ``(B, C, H, W)`` images to logits ``(B, K)``.
     """
@@ -54,7 +57,9 @@ class SceneClassification(Classification):
             loss: 'ce' (cross-entropy) or 'focal'.
             lr: Learning rate.
             patience: Patience of the learning-rate scheduler, in epochs.
-            freeze_backbone: Train the classifier only (a linear probe trained by SGD).
+            freeze_backbone: Train the classifier only (a linear probe, trained with AdamW as
+                the whole network otherwise is); the encoder keeps its weights and its
+                BatchNorm statistics (:mod:`geocmid.tasks.finetune.encoder`).
         """
         self.encoder_weights = weights
         super().__init__(
@@ -70,38 +75,16 @@ class SceneClassification(Classification):
         )
 
     def configure_models(self) -> None:
-        """Build the timm model, load the encoder weights and freeze the encoder if asked."""
-        self.model = timm.create_model(
+        """Build the network (:func:`~geocmid.models.networks.classification_network`)."""
+        self.model = classification_network(
             self.hparams['model'],
-            pretrained=False,  # geocmid never downloads weights at run time
-            num_classes=self.hparams['num_classes'],
-            in_chans=self.hparams['in_channels'],
-            **(self.hparams['backbone_kwargs'] or {}),
+            self.hparams['in_channels'],
+            self.hparams['num_classes'],
+            self.hparams['backbone_kwargs'],
+            self.encoder_weights,
         )
-        if self.encoder_weights is not None:
-            load_encoder_weights(self.model, self.encoder_weights)
-        if self.hparams['freeze_backbone']:
-            self.model.requires_grad_(False)
-            self.model.get_classifier().requires_grad_(True)
+        self.freeze_if_asked()
 
-
-def load_encoder_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Load encoder weights into a timm classifier: everything must match but the classifier.
-
-    Args:
-        model: ``timm.create_model(backbone, num_classes=K)``.
-        state_dict: The weights of ``timm.create_model(backbone, num_classes=0)``.
-
-    Raises:
-        RuntimeError: A parameter outside the classifier is missing, or a key is unexpected,
-            or a shape differs.
-    """
-    head = model.get_classifier()
-    prefixes = tuple(f'{name}.' for name, module in model.named_modules() if module is head)
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [key for key in result.missing_keys if not key.startswith(prefixes)]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f'encoder weights do not fit {type(model).__name__}: missing {missing[:3]}, '
-            f'unexpected {result.unexpected_keys[:3]}'
-        )
+    def encoder_parts(self) -> tuple[nn.Module, nn.Module | None]:
+        """The whole timm network, and its classifier, which trains."""
+        return self.model, self.model.get_classifier()

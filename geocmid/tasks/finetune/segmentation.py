@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
-import segmentation_models_pytorch as smp
 from torch import Tensor, nn
 from torchgeo.tasks import SemanticSegmentation
 
 from geocmid.datasets.labels import IGNORE_INDEX
+from geocmid.models.networks import segmentation_network
+from geocmid.tasks.finetune.encoder import EncoderSetup
 
 
-class Segmentation(SemanticSegmentation):
+class Segmentation(EncoderSetup, SemanticSegmentation):
     """Semantic segmentation with a timm encoder (``tu-<backbone>``) and an smp decoder.
 
     TorchGeo's :class:`~torchgeo.tasks.SemanticSegmentation` provides the training, validation
@@ -22,7 +23,8 @@ class Segmentation(SemanticSegmentation):
     * the FPN decoder next to U-Net and UPerNet;
     * loading a plain timm state dict (``encoder.pt`` from ``geocmid pretrain`` or
       ``import-weights``) into smp's timm universal encoder, strictly. TorchGeo only loads
-      weight enums or Lightning checkpoints whose keys already match the smp encoder.
+      weight enums or Lightning checkpoints whose keys already match the smp encoder;
+    * a frozen encoder that keeps BatchNorm in eval mode (:mod:`geocmid.tasks.finetune.encoder`).
 
     The model maps normalised ``(B, C, H, W)`` images to logits ``(B, K, H, W)``; normalisation
     is the data module's job, as everywhere in TorchGeo.
@@ -65,7 +67,8 @@ class Segmentation(SemanticSegmentation):
             ignore_index: Label value excluded from the loss and the metrics.
             lr: Learning rate.
             patience: Patience of the learning-rate scheduler, in epochs.
-            freeze_backbone: Keep the encoder weights fixed and train the decoder only.
+            freeze_backbone: Train the decoder only; the encoder keeps its weights and its
+                BatchNorm statistics (:mod:`geocmid.tasks.finetune.encoder`).
         """
         self.encoder_weights = weights
         super().__init__(
@@ -84,62 +87,17 @@ class Segmentation(SemanticSegmentation):
         )
 
     def configure_models(self) -> None:
-        """Build the smp model, load the encoder weights and freeze the encoder if asked."""
-        self.model = smp.create_model(
+        """Build the network (:func:`~geocmid.models.networks.segmentation_network`)."""
+        self.model = segmentation_network(
             self.hparams['model'],
-            encoder_name=f'tu-{self.hparams["backbone"]}',
-            encoder_weights=None,  # geocmid never downloads weights at run time
-            in_channels=self.hparams['in_channels'],
-            classes=self.hparams['num_classes'],
-            **(self.hparams['backbone_kwargs'] or {}),
+            self.hparams['backbone'],
+            self.hparams['in_channels'],
+            self.hparams['num_classes'],
+            self.hparams['backbone_kwargs'],
+            self.encoder_weights,
         )
-        if self.encoder_weights is not None:
-            load_timm_state_dict(self.model.encoder, self.encoder_weights)
-        if self.hparams['freeze_backbone']:
-            # Eval mode too (see train()); Lightning keeps each submodule's mode across fit.
-            self.model.encoder.requires_grad_(False).eval()
+        self.freeze_if_asked()
 
-    def train(self, mode: bool = True) -> Self:
-        """Set training mode, keeping a frozen encoder in eval mode.
-
-        Freezing the weights alone would still let BatchNorm update its running statistics
-        on the new data; in eval mode a frozen encoder computes exactly its pretrained
-        features.
-
-        Args:
-            mode: Training (True) or evaluation (False) mode.
-
-        Returns:
-            The task.
-        """
-        super().train(mode)
-        if mode and self.hparams['freeze_backbone']:
-            self.model.encoder.eval()
-        return self
-
-
-def load_timm_state_dict(encoder: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Load a plain timm state dict into smp's ``TimmUniversalEncoder``, strictly.
-
-    smp wraps the timm network as ``encoder.model``, a ``features_only`` network. timm builds
-    that network by flattening top-level ``nn.Sequential`` children (``stages.0`` becomes
-    ``stages_0``) and by leaving out what follows the last feature stage (classifier, final
-    norm). Each key is therefore looked up under ``model.`` as is, then with its first dot
-    flattened; keys found under neither belong to the parts left out and are dropped. The
-    load itself is strict, so every encoder parameter must come from ``state_dict``.
-
-    Args:
-        encoder: ``smp_model.encoder`` built with ``encoder_name='tu-<backbone>'``.
-        state_dict: The weights of ``timm.create_model(backbone, num_classes=0)``.
-
-    Raises:
-        RuntimeError: If an encoder parameter or buffer is missing from ``state_dict``.
-    """
-    wanted = encoder.state_dict().keys()
-    mapped = {}
-    for key, value in state_dict.items():
-        for candidate in (f'model.{key}', f'model.{key.replace(".", "_", 1)}'):
-            if candidate in wanted:
-                mapped[candidate] = value
-                break
-    encoder.load_state_dict(mapped, strict=True)
+    def encoder_parts(self) -> tuple[nn.Module, nn.Module | None]:
+        """The smp encoder; the decoder and head lie outside it."""
+        return self.model.encoder, None

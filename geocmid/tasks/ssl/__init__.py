@@ -1,1 +1,1 @@
-"""tasks/ssl"""
+"""Self-supervised pretraining tasks: CMID and GeRSP."""

@@ -1,30 +1,33 @@
 """What the self-supervised pretraining tasks share: EMA teacher, key queue, batch geometry.
 
 CMID and GeRSP both train a student against an EMA copy of it with a queue of negative keys
-(spec cmid.md 6, 8; gersp.md 2.4-2.6). :class:`PretrainTask` holds the Lightning bookkeeping
-around those building blocks (:mod:`geocmid.models.momentum`), so each method only says which
-modules its teacher averages and with which momentum.
+(``docs/cmid.md#teacher``, ``docs/gersp.md#architecture``). :class:`PretrainTask` holds the
+Lightning bookkeeping around those building blocks (:mod:`geocmid.models.momentum`), so each
+method only says which modules its teacher averages and with which momentum.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from lightly.models.utils import update_momentum
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchgeo.tasks import BaseTask
 
 from geocmid.models.backbones import is_swin
-from geocmid.models.momentum import effective_queue_size, ema_update
+from geocmid.models.momentum import effective_queue_size
+from geocmid.raster.bands import RGB_NAMES
+from geocmid.transforms.streams import RandomStreams, run_seed
 
 __all__ = ('RGB_NAMES', 'BatchGeometry', 'PretrainTask', 'is_rgb')
-
-#: Band names (case-insensitive) that make a three-band input RGB for the photometric set.
-RGB_NAMES = (('r', 'g', 'b'), ('red', 'green', 'blue'))
 
 
 @dataclass(frozen=True)
@@ -63,12 +66,31 @@ class PretrainTask(BaseTask):
     """A student trained against an EMA teacher with a queue of keys (base of CMID and GeRSP).
 
     After every optimiser step the teacher moves towards the student, parameters only
-    (:func:`~geocmid.models.momentum.ema_update`), for each pair :meth:`teacher_pairs` names,
+    (lightly's ``update_momentum``), for each pair :meth:`teacher_pairs` names,
     with the momentum :meth:`momentum` gives for the step. Subclasses also name the timm
     encoder that is exported (:meth:`timm_encoder`).
     """
 
     monitor = 'train_loss'
+
+    @staticmethod
+    def check_settings(values: Mapping[str, Any]) -> None:
+        """Raise :class:`~geocmid.errors.InputError` for a setting that cannot train.
+
+        Args:
+            values: Every argument of the task's ``__init__`` by name.
+        """
+
+    @classmethod
+    def validate_settings(cls, settings: Mapping[str, Any]) -> None:
+        """Check ``settings`` (some task arguments; defaults fill in the rest) before a run.
+
+        Raises:
+            InputError: Naming the ``task.*`` key of the first bad setting.
+        """
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+        cls.check_settings(defaults | dict(settings))
 
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """The (teacher, student) module pairs averaged after every optimiser step."""
@@ -97,17 +119,62 @@ class PretrainTask(BaseTask):
             kwargs['img_size'] = self.hparams['patch_size']
         return kwargs
 
+    @cached_property
+    def streams(self) -> RandomStreams:
+        """This rank's random stream of augmentation and mask draws (see :meth:`setup`)."""
+        return RandomStreams()
+
+    def setup(self, stage: str) -> None:
+        """Seed this rank's stream with the run seed + global rank (unless resumed).
+
+        Without it every DDP rank would draw the same crops, flips and masks.
+        """
+        self.streams.start(run_seed(), self.trainer.global_rank)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save every rank's stream (all ranks call this hook; only rank 0 writes the file)."""
+        state = self.streams.state_dict(as_bytes=True)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # As bytes: gathering pickled tensors fails on some torch builds.
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint['random_streams'] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Continue this rank's stream from the checkpoint, when it was saved by as many ranks."""
+        states = checkpoint.get('random_streams')
+        if self._trainer is None or not states:
+            return
+        if len(states) == self.trainer.world_size:
+            self.streams.load_state_dict(states[self.trainer.global_rank])
+        else:
+            rank_zero_warn(
+                f'the checkpoint holds random streams of {len(states)} rank(s), this run has '
+                f'{self.trainer.world_size}: streams start afresh from the seed'
+            )
+
     def on_fit_start(self) -> None:
         """Use channels-last memory on CUDA, where convolutions run faster in that layout."""
         if self.device.type == 'cuda':
             self.to(memory_format=torch.channels_last)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Move the teacher towards the student after the optimiser step."""
-        # global_step already counts the step just taken; schedules start at step 0.
-        momentum = self.momentum(max(self.global_step - 1, 0))
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the optimiser, then move the teacher towards the student.
+
+        Lightning calls this hook once per optimiser step, so under ``accumulate_grad_batches``
+        the teacher moves once per group of batches, as the step-counted schedules assume.
+        """
+        super().optimizer_step(*args, **kwargs)
+        # global_step counts completed steps: inside the hook it is this step's 0-based index.
+        self.update_teacher(self.global_step)
+
+    def update_teacher(self, step: int) -> None:
+        """Move every teacher towards its student with the momentum of the 0-based ``step``."""
+        momentum = self.momentum(step)
         for teacher, student in self.teacher_pairs():
-            ema_update(teacher, student, momentum)
+            update_momentum(student, teacher, momentum)
 
     def log_losses(self, loss: Tensor, terms: dict[str, Tensor | float], batch_size: int) -> None:
         """Log the total loss (on the progress bar), its terms, the learning rate and momentum.
@@ -134,7 +201,7 @@ class PretrainTask(BaseTask):
     def queue_size(
         self, configured: int, samples_per_epoch: int | None, keys_per_sample: int
     ) -> int:
-        """The configured queue size, capped at the keys enqueued per epoch (cmid.md D7).
+        """The configured queue size, capped at the keys one epoch enqueues (docs/cmid.md).
 
         Args:
             configured: Requested number of keys.
@@ -150,7 +217,8 @@ class PretrainTask(BaseTask):
         if capped:
             rank_zero_warn(
                 f'queue size capped from {configured} (configured) to {size} (effective): an '
-                f'epoch enqueues only {keys_per_sample} x {samples_per_epoch} keys (cmid.md D7)'
+                f'epoch enqueues only {keys_per_sample} x {samples_per_epoch} keys '
+                '(docs/cmid.md#deviations)'
             )
         return size
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch.utilities.types
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from geocmid.errors import InputError
 from geocmid.models.backbones import MaskedEncoder
 from geocmid.models.heads import LocalHead, MIMDecoder, Projector
 from geocmid.models.losses import DINOLoss, infonce, mim_loss, teacher_temperature
@@ -19,34 +21,81 @@ from geocmid.models.optim import build_adan, scale_lr, warmup_cosine_scheduler
 from geocmid.tasks.ssl.base import PretrainTask, is_rgb
 from geocmid.transforms.augment import TwoViewAugmentation, View
 
-#: Total batch size the peak learning rate ``lr`` refers to (spec cmid.md 10.2, 17.2).
+#: Total batch size the peak learning rate ``lr`` refers to (``docs/cmid.md#optimisation``).
 REFERENCE_BATCH = 256
+
+#: Device types on which torch's SyncBatchNorm can train.
+SYNC_BN_DEVICES = ('cuda', 'hpu', 'xpu')
+
+#: Settings that must be positive, and settings that must not be negative.
+POSITIVE = (
+    'lr', 'queue_size', 'temperature', 'projection_hidden_dim', 'projection_dim', 'num_matches',
+    'num_prototypes', 'local_hidden_dim', 'local_bottleneck_dim', 'student_temperature',
+    'teacher_temperature', 'warmup_teacher_temperature',
+)  # fmt: skip
+NON_NEGATIVE = (
+    'min_lr', 'warmup_epochs', 'weight_decay', 'fft_weight', 'warmup_teacher_temperature_epochs',
+    'mim_weight', 'global_weight', 'local_weight',
+)  # fmt: skip
+
+
+def check_settings(values: Mapping[str, Any]) -> None:
+    """Reject CMID settings that cannot train, before anything is built or run.
+
+    Args:
+        values: The task's arguments by name.
+
+    Raises:
+        InputError: Naming the ``task.*`` key of the first bad setting.
+    """
+
+    def bad(key: str, problem: str) -> InputError:
+        return InputError(f'task.{key}', f'{problem}, got {values[key]!r}')
+
+    if not 0 < values['mask_ratio'] < 1:
+        raise bad('mask_ratio', 'must be between 0 and 1 (exclusive)')
+    if values['mask_patch_size'] < 1 or values['patch_size'] % values['mask_patch_size']:
+        size = values['patch_size']
+        raise bad('mask_patch_size', f'must be positive and divide the patch size {size}')
+    if values['lr_scaling'] not in ('none', 'linear', 'sqrt'):
+        raise bad('lr_scaling', "must be 'none', 'linear' or 'sqrt'")
+    for key in POSITIVE:
+        if not values[key] > 0:
+            raise bad(key, 'must be positive')
+    for key in NON_NEGATIVE:
+        if not values[key] >= 0:
+            raise bad(key, 'must not be negative')
+    for key in ('center_momentum', 'base_momentum', 'final_momentum'):
+        if not 0 <= values[key] <= 1:
+            raise bad(key, 'must be between 0 and 1')
 
 
 class CMID(PretrainTask):
     """CMID self-supervised pretraining of a timm ResNet or Swin encoder.
 
-    One training step (spec cmid.md 2, 16), on a normalised batch of square patches:
+    One training step (``docs/cmid.md#one-training-step``), on a normalised batch of square patches:
 
     1. Two crops per patch, A (geometry only) and B (geometry and photometric), with their boxes
        and flips recorded (:class:`~geocmid.transforms.augment.TwoViewAugmentation`), without grad.
     2. Each crop gets its own block mask (exact count of 32 px cells) and is mean-filled; the
        student encodes both masked crops with the mask token added after the stem. The student
-       never sees an unmasked crop (the official code fed crop B unmasked, defect D1).
+       never sees an unmasked crop (the official code fed crop B unmasked,
+       ``docs/cmid.md#deviations``).
     3. MIM: a linear decoder reconstructs each crop; focal-L1 on masked pixels plus the focal
        frequency loss, averaged over both crops.
     4. The EMA teacher encodes both unmasked crops. Global: InfoNCE of student(masked A) against
        teacher(B) and of student(masked B) against teacher(A), both against the queue as it was
        before the step; then the teacher keys of B, then of A, are gathered once across devices
-       and enqueued (D3).
-    5. Local: tokens are matched by the true overlap of the two crops (D2) and distilled through
-       the DINO head with one centre per step, updated once afterwards (D4); the teacher
-       temperature follows the epoch-indexed schedule (D5).
+       and enqueued (once, not once per device).
+    5. Local: tokens are matched by the true overlap of the two crops and distilled through
+       the DINO head with one centre per step, updated once afterwards; the teacher
+       temperature follows the 0-based epoch-indexed schedule.
 
     Total loss = MIM + global + local, each with weight 1. After every optimiser step the teacher
     (encoder, projector and local head; parameters only, never the mask token) moves towards the
-    student with a cosine momentum from 0.996 to 1. Adan with weight-decay groups (D6), linear
-    warm-up then per-step cosine. The queue is capped at the keys enqueued per epoch (D7).
+    student with a cosine momentum from 0.996 to 1. Adan with weight-decay groups, linear
+    warm-up then per-step cosine. The queue is capped at the keys enqueued per epoch.
+    Departures from the official code: ``docs/cmid.md#deviations``.
 
     Pixels flagged invalid (nodata) in ``batch['valid']`` are left out of the mean fill and the
     reconstruction loss.
@@ -92,6 +141,7 @@ class CMID(PretrainTask):
         mim_weight: float = 1.0,
         global_weight: float = 1.0,
         local_weight: float = 1.0,
+        sync_batchnorm: bool = True,
         augmentation: nn.Module | None = None,
     ) -> None:
         """Initialise a new CMID task.
@@ -119,7 +169,7 @@ class CMID(PretrainTask):
             mask_patch_size: Side of a mask cell in pixels.
             fft_weight: Weight of the focal frequency loss in the MIM loss.
             queue_size: Configured number of negative keys.
-            samples_per_epoch: Patches per epoch over all devices; caps the queue (D7).
+            samples_per_epoch: Patches per epoch over all devices; caps the queue.
             temperature: InfoNCE temperature of the global branch.
             projection_hidden_dim: Hidden width of the global projector.
             projection_dim: Key dimension of the global projector.
@@ -137,13 +187,24 @@ class CMID(PretrainTask):
             mim_weight: Weight of the MIM loss.
             global_weight: Weight of the global InfoNCE loss.
             local_weight: Weight of the local DINO loss.
+            sync_batchnorm: Convert every BatchNorm (student, teacher and local heads) to
+                SyncBatchNorm when training on more than one device, as the official code does.
             augmentation: Replaces the two-view augmentation; it must map ``(image, valid)``
                 to two :class:`~geocmid.transforms.augment.View` objects.
+
+        Raises:
+            InputError: For a setting that cannot train, naming its ``task.*`` key.
         """
+        self.check_settings(locals())
         super().__init__()
         self.augmentation = augmentation or self._default_augmentation()
         #: Optimiser steps of the run (LR and EMA schedules), set by configure_optimizers.
         self.total_steps = 0
+
+    @staticmethod
+    def check_settings(values: Mapping[str, Any]) -> None:
+        """Reject settings that cannot train (see :func:`check_settings`)."""
+        check_settings(values)
 
     def configure_models(self) -> None:
         """Build the student, its decoder and heads, the EMA teacher and the key queue."""
@@ -158,7 +219,7 @@ class CMID(PretrainTask):
         self.projector = Projector(
             features, hparams['projection_hidden_dim'], hparams['projection_dim']
         )
-        # BatchNorm in the local head for ResNet, not for Swin (spec 7.3).
+        # BatchNorm in the local head for ResNet, not for Swin (``docs/cmid.md#local-branch``).
         self.local_head = LocalHead(
             features,
             hparams['num_prototypes'],
@@ -166,8 +227,8 @@ class CMID(PretrainTask):
             hparams['local_bottleneck_dim'],
             use_bn=not self.student.is_swin,
         )
-        # An exact copy at start (spec 2.3). The copied mask token is never used: the teacher
-        # always sees unmasked crops.
+        # An exact copy at start (docs/cmid.md#teacher). The copied mask token is never used: the
+        # teacher always sees unmasked crops.
         student = nn.ModuleDict(
             {'encoder': self.student, 'projector': self.projector, 'local_head': self.local_head}
         )
@@ -183,6 +244,25 @@ class CMID(PretrainTask):
             self.hparams['student_temperature'],
             self.hparams['center_momentum'],
         )
+
+    def setup(self, stage: str) -> None:
+        """Seed this rank's random stream; under DDP, synchronise BatchNorm if asked to.
+
+        The whole model is converted, EMA teacher and local heads included, as the official
+        code converts it (NJU-LHRS/official-CMID at 6e1de74, Pretrain/Exploring/trainer.py).
+        torch's SyncBatchNorm only trains on accelerators: on CPU BatchNorm stays per device.
+        """
+        super().setup(stage)
+        if not self.hparams['sync_batchnorm'] or self.trainer.world_size == 1:
+            return
+        device = self.trainer.strategy.root_device.type
+        if device in SYNC_BN_DEVICES:
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)
+        else:
+            rank_zero_warn(
+                f'task.sync_batchnorm: torch cannot synchronise BatchNorm on {device}; '
+                'statistics stay per device'
+            )
 
     def configure_optimizers(self) -> lightning.pytorch.utilities.types.OptimizerLRScheduler:
         """Adan on the student's weight-decay groups, with per-step warm-up and cosine.
@@ -226,7 +306,7 @@ class CMID(PretrainTask):
         return self.student.encoder
 
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """Encoder, projector and local head: parameters only, never the mask token (spec 2.3)."""
+        """Encoder, projector and local head: parameters only, never the mask token."""
         return [
             (self.teacher['encoder'].encoder, self.student.encoder),
             (self.teacher['projector'], self.projector),
@@ -234,7 +314,7 @@ class CMID(PretrainTask):
         ]
 
     def momentum(self, step: int) -> float:
-        """Cosine EMA momentum, ``base_momentum`` to ``final_momentum`` over the run (spec 8)."""
+        """Cosine EMA momentum, ``base_momentum`` to ``final_momentum`` (docs/cmid.md#teacher)."""
         return cosine_momentum(
             step,
             self.total_steps,
@@ -258,7 +338,8 @@ class CMID(PretrainTask):
         """
         image = batch['image']
         valid = batch.get('valid')
-        with torch.no_grad():
+        # This rank's own stream, so that ranks draw different crops, flips, noise and masks.
+        with torch.no_grad(), self.streams(image.device):
             view_a, view_b = self.augmentation(image, None if valid is None else valid.bool())
             cells = block_mask(
                 2 * len(image),
@@ -277,7 +358,7 @@ class CMID(PretrainTask):
             teacher_a = self.teacher['encoder'](self.layout(view_a.image))
             teacher_b = self.teacher['encoder'](self.layout(view_b.image))
             # Teacher keys of crop B, then of crop A: the positives of students A and B, and
-            # the order in which they are enqueued (spec 6.3).
+            # the order in which they are enqueued (docs/cmid.md#global-branch).
             keys = self.teacher['projector'](torch.cat([teacher_b, teacher_a]))
         # Both directions in one call: the mean over two halves of equal size is the mean of
         # the two directions' losses.
@@ -351,15 +432,16 @@ class CMID(PretrainTask):
             cell_centres(view.geometry.boxes, view.geometry.flipped, grid)
             for view in (view_a, view_b)
         ]
-        student_tokens, teacher_tokens = [], []
+        student_logits, teacher_logits = [], []
         for s, t in ((0, 1), (1, 0)):
             idx_s, idx_t = match_tokens(centres[s], centres[t], self.hparams['num_matches'])
-            student_tokens.append(gather_tokens(student[s], idx_s))
-            teacher_tokens.append(gather_tokens(teacher[t], idx_t))
-        student_logits = self.local_head(torch.cat(student_tokens))
-        with torch.no_grad():
-            teacher_logits = self.teacher['local_head'](torch.cat(teacher_tokens))
-        return student_logits, teacher_logits
+            # Each direction through the heads on its own, as the official code does, so that
+            # their BatchNorm normalises each direction with its own statistics.
+            student_logits.append(self.local_head(gather_tokens(student[s], idx_s)))
+            with torch.no_grad():
+                teacher_tokens = gather_tokens(teacher[t], idx_t)
+                teacher_logits.append(self.teacher['local_head'](teacher_tokens))
+        return torch.cat(student_logits), torch.cat(teacher_logits)
 
     def _default_augmentation(self) -> TwoViewAugmentation:
         hparams = self.hparams

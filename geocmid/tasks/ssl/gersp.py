@@ -1,11 +1,12 @@
 """GeRSP: generic-knowledge boosted remote-sensing pretraining, as a TorchGeo task.
 
-Paper arXiv:2401.04614 (IEEE TGRS 2024); official code floatingstarZ/GeRSP (spec gersp.md).
+Paper arXiv:2401.04614 (IEEE TGRS 2024); official code floatingstarZ/GeRSP at commit
+4ea0bd32c83089bcacdf9f12e54e1b980b760753; see ``docs/gersp.md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch.utilities.types
@@ -30,7 +31,7 @@ from geocmid.transforms.augment import moco_view
 
 __all__ = ('GeRSP', 'natural_band_mixing')
 
-#: Total batch size the learning rates refer to: 8 GPUs x 32 RS pairs (spec gersp.md 4.3, 5).
+#: Total batch size the learning rates refer to: 8 GPUs x 32 RS pairs (docs/gersp.md#optimisation).
 REFERENCE_BATCH = 256
 
 #: Band names (case-insensitive) recognised as the red, green and blue band of a raster.
@@ -57,7 +58,8 @@ def _rgb_positions(band_names: Sequence[str], rgb_bands: Sequence[int | str] | N
         raise InputError(
             'task.rgb_bands',
             f'cannot tell which bands receive the natural images (bands: {listed}); '
-            'give three band names or 1-based positions for red, green, blue',
+            'give three band names or 1-based positions for red, green, blue '
+            '(pretrain --rgb-bands 1,2,3)',
         )
     if len(rgb_bands) != 3:
         raise InputError('task.rgb_bands', f'needs 3 entries (red, green, blue), got {rgb_bands}')
@@ -75,6 +77,36 @@ def _rgb_positions(band_names: Sequence[str], rgb_bands: Sequence[int | str] | N
     return positions
 
 
+def check_settings(values: Mapping[str, Any]) -> None:
+    """Reject GeRSP settings that cannot train, before anything is built or run.
+
+    Args:
+        values: The task's arguments by name.
+
+    Raises:
+        InputError: Naming the ``task.*`` key of the first bad setting.
+    """
+
+    def bad(key: str, problem: str) -> InputError:
+        return InputError(f'task.{key}', f'{problem}, got {values[key]!r}')
+
+    if values['lr_scaling'] not in ('none', 'linear', 'sqrt'):
+        raise bad('lr_scaling', "must be 'none', 'linear' or 'sqrt'")
+    for key in ('lr', 'queue_size', 'temperature', 'projection_hidden_dim', 'projection_dim',
+                'restart_epochs', 'num_classes'):  # fmt: skip
+        if not values[key] > 0:
+            raise bad(key, 'must be positive')
+    for key in ('min_lr', 'weight_decay', 'supervised_weight'):
+        if not values[key] >= 0:
+            raise bad(key, 'must not be negative')
+    for key in ('momentum', 'moco_momentum'):
+        if not 0 <= values[key] <= 1:
+            raise bad(key, 'must be between 0 and 1')
+    low, high = values['crop_scale']
+    if not 0 < low <= high <= 1:
+        raise bad('crop_scale', 'must be two area fractions 0 < low <= high <= 1')
+
+
 def natural_band_mixing(
     channels: int,
     band_names: Sequence[str] | None = None,
@@ -82,8 +114,9 @@ def natural_band_mixing(
 ) -> Tensor:
     """The (C, 3) matrix that maps normalised natural RGB onto the rasters' C bands.
 
-    The student encodes remote-sensing and natural images in one pass (gersp.md 2.2, 12), so both
-    need the rasters' bands. Natural red, green and blue go to the bands ``rgb_bands`` names; by
+    The student encodes remote-sensing and natural images in one pass (``docs/gersp.md#data``), so
+    both need the rasters' bands. Natural red, green and blue go to the bands ``rgb_bands`` names;
+    by
     default the bands named red/r, green/g, blue/b, or the three bands in order of a three-band
     input (with a warning when they are named otherwise). Every other band is zero, which in
     normalised units is the band's mean: no signal. The first convolution stays shared: its RGB
@@ -115,8 +148,8 @@ def natural_band_mixing(
 class GeRSP(PretrainTask):
     """GeRSP self-supervised pretraining of a timm encoder, with a natural-image classifier.
 
-    One training step (gersp.md 2-3, 11), on a normalised batch of raster patches and a
-    normalised batch of labelled natural images:
+    One training step (``docs/gersp.md#architecture``), on a normalised batch of raster patches
+    and a normalised batch of labelled natural images:
 
     1. Two MoCo v1 views of every patch (:func:`~geocmid.transforms.augment.moco_view`) and one of
        every natural image, without grad; natural RGB is mapped onto the raster bands
@@ -131,9 +164,9 @@ class GeRSP(PretrainTask):
 
     Total loss = contrastive + ``supervised_weight`` x supervised. After every optimiser step
     the key encoder AND the key projector move towards the student with a constant momentum
-    (the official code never updated the key projector, defect G1); the teacher starts as an
-    exact copy of the student (G2). The classifier has one output per natural-image class
-    sub-folder (G3). SGD with weight decay on every parameter, cosine annealing with warm
+    (the official code never updated the key projector, ``docs/gersp.md#deviations``); the teacher
+    starts as an exact copy of the student. The classifier has one output per natural-image class
+    sub-folder. SGD with weight decay on every parameter, cosine annealing with warm
     restarts by epoch. Nodata pixels of the patches hold the band mean (the data module's
     normalisation) and need no masking, as GeRSP has no pixel loss.
     """
@@ -199,7 +232,8 @@ class GeRSP(PretrainTask):
             weight_decay: SGD weight decay, on every parameter as in the official code.
             restart_epochs: Epochs per cosine cycle (the paper: 5 cycles of 20 epochs).
             queue_size: Configured number of negative keys.
-            samples_per_epoch: Patches per epoch over all devices; caps the queue (cmid.md D7).
+            samples_per_epoch: Patches per epoch over all devices; caps the queue
+                (docs/cmid.md#deviations).
             temperature: InfoNCE temperature.
             projection_hidden_dim: Hidden width of the projector.
             projection_dim: Key dimension.
@@ -212,8 +246,10 @@ class GeRSP(PretrainTask):
                 (B, 3, S, S).
 
         Raises:
-            InputError: If the bands receiving the natural images cannot be determined.
+            InputError: If the bands receiving the natural images cannot be determined, or for
+                a setting that cannot train (naming its ``task.*`` key).
         """
+        self.check_settings(locals())
         super().__init__()
         self.augmentation = augmentation or self._default_augmentation()
         self.natural_augmentation = natural_augmentation or moco_view(
@@ -223,6 +259,11 @@ class GeRSP(PretrainTask):
             rgb=True,
             scale=crop_scale,
         )
+
+    @staticmethod
+    def check_settings(values: Mapping[str, Any]) -> None:
+        """Reject settings that cannot train (see :func:`check_settings`)."""
+        check_settings(values)
 
     def configure_models(self) -> None:
         """Build the student encoder, projector and classifier, the EMA teacher and the queue."""
@@ -240,7 +281,8 @@ class GeRSP(PretrainTask):
             features, hparams['projection_hidden_dim'], hparams['projection_dim']
         )
         self.classifier = nn.Linear(features, hparams['num_classes'])
-        # After all initialisation, so that the teacher starts as an exact copy (G2).
+        # After all initialisation, so that the teacher starts as an exact copy
+        # (docs/gersp.md#deviations).
         self.teacher = copy_as_teacher(
             nn.ModuleDict({'encoder': self.student, 'projector': self.projector})
         )
@@ -264,7 +306,7 @@ class GeRSP(PretrainTask):
             momentum=hparams['momentum'],
             weight_decay=hparams['weight_decay'],
         )
-        # mmcv's CosineRestart with equal periods and restart weights 1 (gersp.md 5).
+        # mmcv's CosineRestart, equal periods and restart weights 1 (docs/gersp.md#optimisation).
         scheduler = CosineAnnealingWarmRestarts(
             optimizer, T_0=hparams['restart_epochs'], eta_min=hparams['min_lr'] * factor
         )
@@ -287,7 +329,7 @@ class GeRSP(PretrainTask):
         ]
 
     def momentum(self, step: int) -> float:
-        """The constant EMA momentum (gersp.md 2.6)."""
+        """The constant EMA momentum (docs/gersp.md#architecture)."""
         return self.hparams['moco_momentum']
 
     def timm_encoder(self) -> nn.Module:
@@ -313,11 +355,13 @@ class GeRSP(PretrainTask):
             keys (B, D) to enqueue after the step.
         """
         image, natural, labels = batch['image'], batch['natural_image'], batch['natural_label']
-        with torch.no_grad():
+        # This rank's own stream, so that ranks draw different views.
+        with torch.no_grad(), self.streams(image.device):
             query_view = self.augmentation(image)
             key_view = self.augmentation(image)
             natural_view = self.natural_to_bands(self.natural_augmentation(natural))
-        # One pass over both sources: BatchNorm statistics over the mixed batch (gersp.md 2.2).
+        # One pass over both sources: BatchNorm statistics over the mixed batch
+        # (docs/gersp.md#architecture).
         pooled = self.student(self.layout(torch.cat([query_view, natural_view])))
         pooled_rs, pooled_natural = pooled.split([len(image), len(natural)])
         query = self.projector(pooled_rs)

@@ -11,20 +11,17 @@ from typing import Self
 
 import numpy as np
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
 from rasterio.io import DatasetReader
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from geocmid.errors import InputError
-from geocmid.raster.files import (
-    BandSelection,
-    ValidityRule,
-    check_bands,
-    open_raster,
-    require_georeferencing,
-)
+from geocmid.raster.files import BandSelection, check_bands, open_raster, require_georeferencing
+from geocmid.raster.grid import Grid, RasterOnGrid, same_resolution
+from geocmid.raster.normalise import normalise_window
+
+__all__ = ('SceneReader', 'normalise_window', 'open_scene')
 
 
 def open_scene(path: str | os.PathLike[str]) -> DatasetReader:
@@ -42,49 +39,20 @@ def open_scene(path: str | os.PathLike[str]) -> DatasetReader:
     return src
 
 
-def normalise_window(
-    data: np.ndarray, valid: np.ndarray, mean: np.ndarray, std: np.ndarray, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normalise a window as the model expects it and zero-pad it to ``size``.
-
-    Shared by every window source (a scene, an image pair), so that all feed the model alike.
-
-    Args:
-        data: (C, rows, cols) raw pixels.
-        valid: (rows, cols) validity.
-        mean: per-band mean, shaped (C, 1, 1).
-        std: per-band standard deviation, shaped (C, 1, 1).
-        size: (height, width) to pad to at the bottom and right (the model's tile).
-
-    Returns:
-        ``(image, valid)``: float32 ``(data - mean) / std`` with invalid pixels set to 0, the
-        neutral value for the model, and the validity; the padding is 0 and invalid.
-    """
-    image = np.zeros((data.shape[0], *size), dtype=np.float32)
-    mask = np.zeros(size, dtype=bool)
-    rows, cols = data.shape[1:]
-    normalised = image[:, :rows, :cols]
-    np.subtract(data, mean, out=normalised, casting='unsafe')
-    normalised /= std
-    normalised[:, ~valid] = 0.0
-    mask[:rows, :cols] = valid
-    return image, mask
-
-
 class SceneReader:
     """Reads fixed-size, normalised float32 windows of a scene and where they are valid.
 
     The output grid is the scene's own grid. When ``resolution`` differs from the scene's
-    pixel size, the scene is read through a virtual warp (:class:`~rasterio.vrt.WarpedVRT`,
+    pixel size, the scene is read through a virtual warp (:func:`~geocmid.raster.grid.warp_onto`,
     same CRS and origin, bilinear) at that resolution: :attr:`crs`, :attr:`transform`,
     :attr:`width` and :attr:`height` then describe the warped grid, :attr:`scene` keeps the
     scene's, and writers resample their results back onto it at the end
     (``PredictionWriter(..., output_grid=reader.scene)``).
 
-    A pixel is valid only where every selected band is valid (the data layer's
-    :class:`~geocmid.raster.files.ValidityRule`: ``nodata`` when given, else the file's nodata
-    value, alpha or mask band), and never NaN. Invalid pixels read as 0
-    after normalisation, the neutral value for the model.
+    A pixel is valid only where every selected band is valid (the one rule of
+    :class:`~geocmid.raster.grid.RasterOnGrid`: ``nodata`` when given, else the file's nodata
+    value, alpha or mask band; never NaN). Invalid pixels read as 0 after normalisation, the
+    neutral value for the model.
 
     Args:
         path: the scene.
@@ -122,66 +90,63 @@ class SceneReader:
                 )
             if any(not s > 0 for s in std):
                 raise InputError(path, f'std values must be positive, got {std}')
-            self.mean = np.asarray(mean, dtype=np.float32)[:, None, None]
-            self.std = np.asarray(std, dtype=np.float32)[:, None, None]
+            self.mean = np.asarray(mean, dtype=np.float32)
+            self.std = np.asarray(std, dtype=np.float32)
             self.nodata = self.scene.nodata if nodata is None else nodata
-            self.source: DatasetReader | WarpedVRT = self._warp(resolution)
-            self.validity = ValidityRule.of(self.source, self.bands, nodata)
+            self._grid = RasterOnGrid(
+                self.scene, self.path, self._target(resolution), nodata=nodata
+            )
         except BaseException:
             self.scene.close()
             raise
 
-    def _warp(self, resolution: float | None) -> DatasetReader | WarpedVRT:
-        xres, yres = self.scene.res
-        if (
-            resolution is None
-            or math.isclose(xres, resolution, rel_tol=1e-9)
-            and math.isclose(yres, resolution, rel_tol=1e-9)
+    def _target(self, resolution: float | None) -> Grid:
+        """The scene's grid, or the grid with the scene's CRS and origin at ``resolution``."""
+        src = self.scene
+        xres, yres = src.res
+        if resolution is None or (
+            same_resolution(xres, resolution) and same_resolution(yres, resolution)
         ):
-            return self.scene
+            return Grid(src.crs, src.transform, src.width, src.height)
         if not resolution > 0:
             raise InputError(self.path, f'model resolution must be positive, got {resolution}')
-        t = self.scene.transform
-        width = max(1, round(self.scene.width * xres / resolution))
-        height = max(1, round(self.scene.height * yres / resolution))
+        t = src.transform
+        width = max(1, round(src.width * xres / resolution))
+        height = max(1, round(src.height * yres / resolution))
         transform = Affine(
             math.copysign(resolution, t.a), 0.0, t.c, 0.0, math.copysign(resolution, t.e), t.f
         )
-        return WarpedVRT(
-            self.scene,
-            crs=self.scene.crs,
-            transform=transform,
-            width=width,
-            height=height,
-            resampling=Resampling.bilinear,
-            src_nodata=self.nodata,
-            nodata=self.nodata,
-        )
+        return Grid(src.crs, transform, width, height)
+
+    @property
+    def source(self) -> DatasetReader | WarpedVRT:
+        """What windows are read from: the scene or its warped view."""
+        return self._grid.reader
 
     @property
     def crs(self) -> CRS:
         """CRS of the grid that windows are read on."""
-        return self.source.crs
+        return self._grid.grid.crs
 
     @property
     def transform(self) -> Affine:
         """float64 geotransform of the grid that windows are read on."""
-        return self.source.transform
+        return self._grid.grid.transform
 
     @property
     def height(self) -> int:
         """Height in pixels of the grid that windows are read on."""
-        return self.source.height
+        return self._grid.grid.height
 
     @property
     def width(self) -> int:
         """Width in pixels of the grid that windows are read on."""
-        return self.source.width
+        return self._grid.grid.width
 
     @property
     def warped(self) -> bool:
         """Whether the scene is read at another resolution than its own."""
-        return self.source is not self.scene
+        return self._grid.warped
 
     def read(self, window: Window, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Read one window, normalised and zero-padded to ``size``.
@@ -193,17 +158,12 @@ class SceneReader:
         Returns:
             ``(image, valid)``: float32 (C, *size) and bool (*size); the padding is invalid.
         """
-        raw = self.source.read(self.bands, window=window)
-        valid = self.validity.valid(self.source, self.bands, window, raw)
-        if raw.dtype.kind == 'f':
-            valid &= ~np.isnan(raw).any(axis=0)  # NaN is never a usable input
+        raw, valid = self._grid.read(window, self.bands)
         return normalise_window(raw, valid, self.mean, self.std, size)
 
     def close(self) -> None:
         """Close the virtual warp (if any) and the scene."""
-        if self.warped:
-            self.source.close()
-        self.scene.close()
+        self._grid.close()
 
     def __enter__(self) -> Self:
         return self

@@ -1,0 +1,96 @@
+"""Scene classification of a folder of chips with a classification run's model, to a CSV table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from geocmid.datasets.chips import ChipFolder, select_bands
+from geocmid.inference.devices import resolve_device
+from geocmid.inference.onnx_model import load_model
+from geocmid.inference.tta import check_tta, with_tta
+from geocmid.io.atomic import atomic_output, check_writable
+from geocmid.types import PathLike
+
+
+def classify_folder(
+    model_dir: PathLike,
+    images: PathLike,
+    output: PathLike | None = None,
+    *,
+    batch_size: int = 32,
+    workers: int = 0,
+    device: torch.device | str = 'auto',
+    overwrite: bool = False,
+    tta: str = 'none',
+) -> pd.DataFrame:
+    """Predict the class of every chip in a folder (searched recursively).
+
+    Args:
+        model_dir: A classification run folder, or its ``.onnx`` export (``geocmid export``).
+        images: The chips; they need the bands the card's ``band_indices`` name.
+        output: CSV file to write; None only returns the table.
+        batch_size: Chips per forward pass.
+        workers: Data-loading worker processes.
+        device: Where the model runs; ``'auto'`` picks CUDA when available.
+        overwrite: Replace an existing ``output``.
+        tta: Test-time augmentation: 'none', 'flips' or 'd4' (:mod:`geocmid.inference.tta`).
+
+    Returns:
+        One row per chip, in sorted path order: ``path`` (relative to ``images``), ``class``
+        (the predicted name), ``probability`` (its softmax probability), then the probability
+        of every class in columns named ``p_<class>``.
+
+    Raises:
+        InputError: A bad run folder, an unreadable chip, mixed band counts, chips lacking
+            the model's bands, an unknown device, or an existing ``output`` without
+            ``overwrite``.
+    """
+    check_tta(tta)
+    if output is not None:
+        check_writable(output, overwrite)
+    loaded = load_model(model_dir, 'classification')
+    model, card = with_tta(loaded.network, tta), loaded.card
+    assert card.classes is not None and card.mean is not None and card.std is not None
+    chips = ChipFolder(images, size=card.patch_size)
+    select_bands(chips, card.band_indices)
+    logits = _logits(model, chips, card.mean, card.std, batch_size, workers, device)
+    probabilities = logits.double().softmax(dim=1)
+    best, index = probabilities.max(dim=1)
+    names = [c.name for c in card.classes]
+    table = pd.DataFrame(
+        {
+            'path': [path.relative_to(chips.root).as_posix() for path in chips.files],
+            'class': [names[i] for i in index.tolist()],
+            'probability': best.tolist(),
+            **{f'p_{name}': probabilities[:, i].tolist() for i, name in enumerate(names)},
+        }
+    )
+    if output is not None:
+        with atomic_output(output, overwrite=overwrite) as tmp:
+            table.to_csv(tmp, index=False, float_format='%.6f')
+    return table
+
+
+@torch.inference_mode()
+def _logits(
+    model: nn.Module,
+    chips: ChipFolder,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    workers: int,
+    device: torch.device | str,
+) -> Tensor:
+    """The model's float32 logits ``(N, K)`` for every chip, normalised, in folder order."""
+    # Not evaluation's extract_features: evaluation imports inference, never the reverse.
+    where = resolve_device(device)
+    model = model.eval().to(where)
+    shift = torch.tensor(list(mean), dtype=torch.float32, device=where)[:, None, None]
+    scale = torch.tensor(list(std), dtype=torch.float32, device=where)[:, None, None]
+    loader = DataLoader(chips, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return torch.cat([model((b['image'].to(where) - shift) / scale).float().cpu() for b in loader])

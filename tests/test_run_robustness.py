@@ -1,0 +1,330 @@
+"""Crash-safe, preemptible and multi-node training runs (pretraining through the CLI)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from geocmid.datamodules.pretrain import PretrainDataModule
+from geocmid.errors import InputError
+from geocmid.runs.folders import checkpoint_interval
+from geocmid.runs.pretrain import load_pretrain_config, run_pretraining
+from geocmid_cli.main import cli
+
+REPO = Path(__file__).resolve().parents[1]
+NAIP = REPO / 'sample_data' / 'naip'
+TINY_CONFIG = REPO / 'configs' / 'cmid_tiny_test.yaml'
+BIN = Path(sys.executable).parent
+#: Six steps of one batch each: every step ends an epoch, so every checkpoint is at an epoch
+#: boundary, where the patch sampler restarts exactly (see docs/cluster.md).
+RUN_ARGS = ('--max-steps', '6', '--samples-per-epoch', '4', '--checkpoint-every', '2')
+TIMEOUT = 120
+
+
+@pytest.fixture(scope='module')
+def rasters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The NAIP sample, copied (statistics sidecars are written beside the data)."""
+    if not NAIP.is_dir():
+        pytest.skip('sample_data/naip is missing')
+    target = tmp_path_factory.mktemp('data') / 'naip'
+    shutil.copytree(NAIP, target)
+    return target
+
+
+def command(rasters: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The `geocmid pretrain` command line of a tiny CPU run."""
+    return [
+        str(BIN / 'geocmid'), 'pretrain', '--config', str(TINY_CONFIG), '--rasters', str(rasters),
+        '-o', str(run_dir), '--quiet', '--accelerator', 'cpu', '--backbone', 'resnet10t', *extra,
+    ]  # fmt: skip
+
+
+def environment() -> dict[str, str]:
+    return os.environ | {'OMP_NUM_THREADS': '1'}
+
+
+def losses(run_dir: Path, version: int) -> dict[int, float]:
+    """Step -> train_loss logged by one invocation of the run (one CSV version)."""
+    with (run_dir / 'logs' / f'version_{version}' / 'metrics.csv').open() as file:
+        return {int(row['step']): float(row['train_loss']) for row in csv.DictReader(file)}
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    checkpoint = torch.load(run_dir / 'checkpoints' / 'last.ckpt', weights_only=True)
+    return int(checkpoint['global_step'])
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert process.poll() is None, 'the run ended before it could be interrupted'
+        assert time.monotonic() < deadline, 'the run did not get going'
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope='module')
+def reference(rasters: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Per-step losses of the uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp('reference') / 'run'
+    subprocess.run(
+        command(rasters, run_dir, *RUN_ARGS), check=True, env=environment(), timeout=TIMEOUT
+    )
+    assert checkpoint_step(run_dir) == 6
+    result = losses(run_dir, 0)
+    assert sorted(result) == list(range(6))
+    return result
+
+
+def resume_and_compare(
+    rasters: Path, run_dir: Path, reference: dict[int, float], saved_step: int
+) -> None:
+    """Resume to the final step: the losses continue those of the uninterrupted run."""
+    killed = losses(run_dir, 0)
+    assert killed == pytest.approx({step: reference[step] for step in killed}, rel=1e-6)
+    subprocess.run(
+        command(rasters, run_dir, *RUN_ARGS, '--resume'),
+        check=True,
+        env=environment(),
+        timeout=TIMEOUT,
+    )
+    assert checkpoint_step(run_dir) == 6
+    resumed = losses(run_dir, 1)
+    assert sorted(resumed) == list(range(saved_step, 6))
+    assert resumed == pytest.approx({step: reference[step] for step in resumed}, rel=1e-6)
+    assert (run_dir / 'encoder.pt').is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_the_losses(
+    rasters: Path, tmp_path: Path, reference: dict[int, float]
+) -> None:
+    run_dir = tmp_path / 'run'
+    last = run_dir / 'checkpoints' / 'last.ckpt'
+    process = subprocess.Popen(
+        command(rasters, run_dir, *RUN_ARGS), env=environment(), stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(last.is_file, process)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(TIMEOUT)
+    assert process.returncode == -signal.SIGKILL
+    saved = checkpoint_step(run_dir)  # complete despite the kill: written atomically
+    assert 2 <= saved < 6
+    assert not (run_dir / 'encoder.pt').exists()
+    resume_and_compare(rasters, run_dir, reference, saved)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_a_step_boundary_and_resumes(
+    rasters: Path, tmp_path: Path, reference: dict[int, float]
+) -> None:
+    run_dir = tmp_path / 'run'
+    # Lightning handles SIGTERM once the trainer runs, which is when it writes hparams.yaml.
+    started = run_dir / 'logs' / 'version_0' / 'hparams.yaml'
+    args = (*RUN_ARGS[:-1], '100')  # only the SIGTERM (and the end) write last.ckpt
+    process = subprocess.Popen(command(rasters, run_dir, *args), env=environment())
+    try:
+        wait_for(started.is_file, process)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        process.wait(TIMEOUT)
+    assert process.returncode == 128 + signal.SIGTERM
+    saved = checkpoint_step(run_dir)
+    assert 1 <= saved < 6
+    assert not (run_dir / 'encoder.pt').exists()
+    resume_and_compare(rasters, run_dir, reference, saved)
+
+
+def test_export_encoder_from_a_checkpoint(rasters: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / 'run'
+    run = CliRunner().invoke(
+        cli, command(rasters, run_dir, '--max-steps', '1')[1:], catch_exceptions=False
+    )
+    assert run.exit_code == 0, run.output
+    encoder, card = run_dir / 'encoder.pt', run_dir / 'model_card.json'
+    trained = torch.load(encoder, weights_only=True)
+    card_text = card.read_text()
+    encoder.unlink()
+    card.unlink()
+
+    result = CliRunner().invoke(cli, ['export-encoder', str(run_dir)])
+    assert result.exit_code == 0, result.output
+    exported = torch.load(encoder, weights_only=True)
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[key], trained[key]) for key in trained)
+    assert json.loads(card.read_text()) == json.loads(card_text)
+
+    again = CliRunner().invoke(cli, ['export-encoder', str(run_dir)])
+    assert again.exit_code != 0 and isinstance(again.exception, InputError)
+    assert 'encoder.pt' in str(again.exception) and '--overwrite' in str(again.exception)
+
+
+def test_export_encoder_without_checkpoint(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ['export-encoder', str(tmp_path)])
+    assert isinstance(result.exception, InputError)
+    assert 'last.ckpt' in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ('key', 'option'),
+    [('max_steps', '--max-steps'), ('epochs', '--epochs'), ('num_nodes', '--num-nodes')],
+)
+def test_zero_limits_are_refused(rasters: Path, tmp_path: Path, key: str, option: str) -> None:
+    config = load_pretrain_config(TINY_CONFIG, rasters=rasters, output=tmp_path / 'run', **{key: 0})
+    with pytest.raises(InputError, match=option):
+        run_pretraining(config, progress=False)
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize(
+    ('value', 'expected'),
+    [
+        ('500', 500),
+        (7, 7),
+        ('10min', timedelta(minutes=10)),
+        ('90s', timedelta(seconds=90)),
+        ('1h30min', timedelta(minutes=90)),
+        (None, None),
+    ],
+)
+def test_checkpoint_interval(value: str | int | None, expected: object) -> None:
+    assert checkpoint_interval(value) == expected
+
+
+@pytest.mark.parametrize('value', ['0', '-5', '0min', 'soon', '10parsecs', '10 min later'])
+def test_checkpoint_interval_refuses(value: str) -> None:
+    with pytest.raises(InputError, match='--checkpoint-every'):
+        checkpoint_interval(value)
+
+
+def test_card_crs_is_the_target_crs(make_geotiff: Callable[..., Path], tmp_path: Path) -> None:
+    """The first file is in EPSG:32632, the other two (the majority, the target) in 32631."""
+    rng = np.random.default_rng(0)
+    for name, crs in (('a.tif', 'EPSG:32632'), ('b.tif', 'EPSG:32631'), ('c.tif', 'EPSG:32631')):
+        make_geotiff(f'rasters/{name}', rng.integers(1, 255, (3, 96, 96), np.uint8), crs=crs)
+    data = PretrainDataModule(rasters=tmp_path / 'rasters', patch_size=32, batch_size=2)
+    assert data.summary()['crs'] == 'EPSG:32631'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost(rasters: Path, tmp_path: Path) -> None:
+    """Two torchrun 'nodes' on localhost (gloo on the CPU) write one complete run folder."""
+    run_dir = tmp_path / 'run'
+    port = free_port()
+    args = ('--max-steps', '2', '--num-nodes', '2', '--devices', '1')
+    nodes = [
+        subprocess.Popen(
+            [
+                str(BIN / 'torchrun'),
+                '--nnodes',
+                '2',
+                '--nproc-per-node',
+                '1',
+                '--node-rank',
+                str(rank),
+                '--master-addr',
+                '127.0.0.1',
+                '--master-port',
+                str(port),
+                *command(rasters, run_dir, *args),
+            ],
+            env=environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=TIMEOUT)[0].decode())
+    finally:
+        for node in nodes:
+            node.kill() if node.poll() is None else None
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert 'x 1 device(s) x 2 node(s)' in outputs[0]  # the learning-rate rule
+    assert checkpoint_step(run_dir) == 2
+    assert (run_dir / 'encoder.pt').is_file() and (run_dir / 'config.yaml').is_file()
+    card = json.loads((run_dir / 'model_card.json').read_text())
+    assert card['config']['num_nodes'] == 2
+    assert sorted(losses(run_dir, 0)) == [0, 1]
+    assert [path.name for path in (run_dir / 'logs').iterdir()] == ['version_0']
+
+
+@pytest.fixture
+def scene(make_geotiff: Callable[..., Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A 2-band 128 px scene with two kinds of bright squares, and their polygons."""
+    import geopandas as gpd
+    import shapely
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(50, 60, size=(2, 128, 128)).astype(np.uint16)
+    polygons, kinds = [], []
+    x0, y0 = 500000.0, 4000000.0  # conftest's rasters: 1 m pixels from here
+    for k, (row, col) in enumerate([(8, 8), (8, 80), (70, 20), (72, 90)]):
+        image[:, row : row + 24, col : col + 24] += 200 if k % 2 else 100
+        polygons.append(shapely.box(x0 + col, y0 - row - 24, x0 + col + 24, y0 - row))
+        kinds.append('pool' if k % 2 else 'roof')
+    labels = tmp_path / 'labels.gpkg'
+    gpd.GeoDataFrame({'kind': kinds}, geometry=polygons, crs='EPSG:32631').to_file(labels)
+    return make_geotiff('scene.tif', image), labels
+
+
+def fine_tune(scene: tuple[Path, Path], output: Path, *extra: str) -> int:
+    from geocmid_cli.main import main
+
+    config = output.parent / 'finetune.yaml'
+    config.write_text('patch_size: 32\nblock_size: 64\n')
+    argv = [
+        'train', 'segment', '--rasters', str(scene[0]), '--labels', str(scene[1]),
+        '-o', str(output), '--label-field', 'kind', '--batch-size', '2', '--backbone',
+        'resnet18', '--accelerator', 'cpu', '--quiet', '--config', str(config), *extra,
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return int(exit_info.value.code)
+
+
+def test_fine_tuning_keeps_a_last_checkpoint(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    output = tmp_path / 'run'
+    assert fine_tune(scene, output, '--max-steps', '3', '--checkpoint-every', '2') == 0
+    assert checkpoint_step(output) == 3  # every 2 steps, and at the end
+    assert (output / 'model.ckpt').is_file()
+
+
+@pytest.mark.parametrize(
+    ('option', 'value'), [('--num-nodes', '0'), ('--checkpoint-every', '0min')]
+)
+def test_fine_tuning_bad_cluster_options(
+    scene: tuple[Path, Path],
+    tmp_path: Path,
+    option: str,
+    value: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    output = tmp_path / 'run'
+    assert fine_tune(scene, output, '--max-steps', '1', option, value) == 2
+    assert option in capsys.readouterr().err
+    assert not output.exists()
