@@ -29,7 +29,9 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -u bench/segment.py --repeats 3
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check --select F,E9,B006,B008 geocmid cli bench tests
+	$(VENV)/bin/ruff format --check geocmid cli bench tests scripts sample_data
+	$(VENV)/bin/ruff check geocmid cli bench tests scripts sample_data
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -56,12 +56,14 @@ class StepTimer(Callback):
         self._start = 0.0
 
     def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+        """Start the clock once the device has finished its queued work."""
         _synchronise(module.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Record the step's wall time once the device has finished it."""
         _synchronise(module.device)
         if batch_idx >= self.warmup:
             self.times.append(time.perf_counter() - self._start)
@@ -92,7 +94,7 @@ class Patches(Dataset[dict[str, torch.Tensor]]):
 
 
 def build_cmid(backbone: str, bands: int, size: int) -> LightningModule:
-    """geocmid's CMID with the paper's heads and queue (inputs already in [0, 1])."""
+    """CMID as geocmid builds it, with the paper's heads and queue (inputs already in [0, 1])."""
     return CMID(
         backbone=backbone,
         in_channels=bands,
@@ -105,8 +107,10 @@ def build_cmid(backbone: str, bands: int, size: int) -> LightningModule:
 
 
 def build_gersp(backbone: str, bands: int, size: int) -> LightningModule:
-    """geocmid's GeRSP with the paper's heads and queue: each step also encodes a natural
-    image per patch, so its student pass is twice MoCo v2's."""
+    """GeRSP as geocmid builds it, with the paper's heads and queue.
+
+    Each step also encodes a natural image per patch, so its student pass is twice MoCo v2's.
+    """
     return GeRSP(
         backbone=backbone,
         in_channels=bands,

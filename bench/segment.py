@@ -30,9 +30,9 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from geocmid.inference.engine import predict_scene
-from geocmid.raster.scene import SceneReader
 from geocmid.inference.tiling import TileGrid
 from geocmid.io.cog import PredictionWriter, default_classes
+from geocmid.raster.scene import SceneReader
 
 BANDS = 4
 CLASSES = 4
@@ -74,6 +74,7 @@ class TimedModel(torch.nn.Module):
         self.seconds = 0.0
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Run the model and add its time to ``seconds``."""
         start = time.perf_counter()
         logits = self.model(batch)
         self.seconds += time.perf_counter() - start
@@ -184,7 +185,7 @@ def main() -> None:
         # changing between runs), and each run against its own forward time (the reader thread
         # may slow the forward a little). The larger one is reported.
         across = min(pipeline) / min(forward)
-        within = min(p / f for p, f in zip(pipeline, inside))
+        within = min(p / f for p, f in zip(pipeline, inside, strict=True))
         print(f'overhead across runs {across:.3f}, within runs {within:.3f}')
         print(f'overhead={max(across, within):.3f} rss_growth={large_mb / small_mb:.3f}')
 

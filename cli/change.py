@@ -17,28 +17,41 @@ from .options import (
     POSITIVE,
     ItemReport,
     check_output,
+    cluster_options,
     echo_fine_tuning,
     freeze_encoder_option,
     hardware_options,
+    remote_output,
+    resolve_cluster,
+    resume_option,
     run_folder_options,
     scene_inputs,
+    stac_option,
     training_options,
     tta_option,
+    write_stac,
 )
 
 if TYPE_CHECKING:
     from geocmid.inference.products.change import ChangeResult
+    from geocmid.inference.spool import Threshold
 
 #: What click gives ``--raster`` / ``--probabilities`` when they come without a path.
 _BESIDE = '<beside the output>'
 
 
-def _threshold(value: str | None) -> float | str | None:
+def _beside(value: str | None, output: Path, suffix: str) -> str | Path | None:
+    """``--raster`` / ``--probabilities`` of one pair: a path, or ``<output>_<suffix>.tif``."""
+    return output.with_name(f'{output.stem}_{suffix}.tif') if value == _BESIDE else value
+
+
+def _threshold(value: str | None) -> Threshold | None:
     """``--threshold``: a number, or a rule (checked further by the API)."""
     if value is None:
         return None
-    if value.lower() in THRESHOLD_RULES:
-        return value.lower()
+    rule = value.lower()
+    if rule in THRESHOLD_RULES:
+        return rule
     try:
         return float(value)
     except ValueError:
@@ -60,6 +73,7 @@ def _summary(name: str, result: ChangeResult) -> str:
 
 @click.command()
 @scene_inputs('before', 'after')
+@remote_output('output')
 @click.argument('before', required=False, type=click.Path(path_type=Path))
 @click.argument('after', required=False, type=click.Path(path_type=Path))
 @click.option(
@@ -135,9 +149,10 @@ def _summary(name: str, result: ChangeResult) -> str:
 )
 @click.option(
     '--devices', default='1', show_default=True,
-    help='With --pairs, spread the pairs over N GPUs (one worker process each), or over a list '
-    "of devices ('cuda:0,cuda:2'; 'cpu,cpu' for two CPU workers).",
+    help='With --pairs, the workers of --cluster local: N GPUs (one worker each, pinned to its '
+    "GPU), or a list of devices ('cuda:0,cuda:2'; 'cpu,cpu' for two CPU workers).",
 )  # fmt: skip
+@cluster_options
 @click.option('--overwrite', is_flag=True, help='Replace existing outputs.')
 @click.option(
     '--skip-existing', is_flag=True,
@@ -145,6 +160,7 @@ def _summary(name: str, result: ChangeResult) -> str:
 )  # fmt: skip
 @click.option('--fail-fast', is_flag=True, help='With --pairs, stop at the first bad pair.')
 @click.option('--quiet', is_flag=True, help='No progress bar.')
+@stac_option
 def change(
     before: Path | None,
     after: Path | None,
@@ -156,9 +172,14 @@ def change(
     probabilities: str | None,
     threshold: str | None,
     devices: str,
+    inputs: Path | None,
+    shard: str | None,
+    cluster: str | None,
+    cluster_workers: int | None,
     skip_existing: bool,
     fail_fast: bool,
     quiet: bool,
+    stac: bool,
     **options: Any,
 ) -> None:
     """Detect changes between BEFORE and AFTER, or in every pair of --pairs.
@@ -166,21 +187,34 @@ def change(
     AFTER is warped onto BEFORE's grid over their overlap, and the outputs lie on BEFORE's
     grid. Give a trained change model (--model) or, label-free, an encoder (--encoder). With
     --pairs, a bad pair is reported and the others still run (unless --fail-fast); the exit
-    status is then 2.
+    status is then 2. The pairs run on a Dask cluster (--cluster); the pair CSV is the
+    manifest (--inputs is the same as --pairs), and the output folder receives the run table
+    run.parquet.
     """
-    check_output(output, folder=pairs is not None)
+    check_output(output, folder=pairs is not None or inputs is not None)
     for extra in (raster, probabilities):
         check_output(None if extra in (None, _BESIDE) else Path(extra))
     from geocmid.api import change_model, detect_change, detect_changes
+    from geocmid.inference.cluster import check_cluster
     from geocmid.inference.devices import parse_devices
+    from geocmid.inference.manifest import parse_shard
     from geocmid.inference.onnx_model import is_onnx, load_model
-    from geocmid.inference.products.change import ChangeModel, StackedPair
+    from geocmid.inference.products.change import ChangeModel, StackedPair, pair_records
 
+    if inputs is not None:
+        if pairs is not None:
+            raise click.UsageError('give --pairs or --inputs (the same pair list), not both')
+        pairs = inputs
+    part = parse_shard(shard)
+    if cluster is not None:
+        check_cluster(cluster)
     given = (before is not None, after is not None, pairs is not None)
     if given not in ((True, True, False), (False, False, True)):
         raise click.UsageError('give BEFORE and AFTER, or --pairs (not both)')
     if skip_existing and pairs is None:
         raise click.UsageError('--skip-existing resumes a run over --pairs')
+    if stac and raster is None:
+        raise click.UsageError('--stac describes the change COG: add --raster')
     workers = parse_devices(devices)
     if model is not None and encoder is None and is_onnx(model):
         # its card, or one from --bands when it has none
@@ -189,18 +223,19 @@ def change(
     else:
         loaded = change_model(model, encoder=encoder)
     if before is not None and after is not None:
+        if part is not None:
+            raise click.UsageError('--shard splits the pairs of --pairs')
         if workers != 1:
             raise InputError('--devices', 'spreads many pairs over devices; give one --device')
-        rasters = (('raster', raster, 'change'), ('probabilities', probabilities, 'score'))
-        beside = {
-            name: output.with_name(f'{output.stem}_{suffix}.tif') if value == _BESIDE else value
-            for name, value, suffix in rasters
-        }
         result = detect_change(
             before, after, loaded, vector=output, threshold=_threshold(threshold),
-            progress=not quiet, **beside, **options,
+            raster=_beside(raster, output, 'change'),
+            probabilities=_beside(probabilities, output, 'score'),
+            progress=not quiet, **options,
         )  # fmt: skip
         click.echo(_summary(output.stem, result))
+        if stac:
+            write_stac([result], None, options.get('overwrite', False))
         return
     for name, value in (('--raster', raster), ('--probabilities', probabilities)):
         if value not in (None, _BESIDE):
@@ -209,12 +244,16 @@ def change(
             )
     report = ItemReport('pair')
     assert pairs is not None
+    count = -(-len(pair_records(pairs)) // (part[1] if part else 1))
     results = detect_changes(
-        pairs, model=loaded, out_dir=output, raster=raster is not None,
+        pairs, model=loaded, out_dir=output, raster=raster is not None, shard=part,
+        client=resolve_cluster(cluster, count, workers, cluster_workers), workers=cluster_workers,
         probabilities=probabilities is not None, threshold=_threshold(threshold), devices=workers,
         fail_fast=fail_fast, on_error=report.error, on_skip=report.skip, progress=not quiet,
         skip_existing=skip_existing, **options,
     )  # fmt: skip
+    if stac:
+        write_stac(results.values(), output, options.get('overwrite', False))
     report.finish(pairs, [_summary(name, result) for name, result in results.items()])
 
 
@@ -257,9 +296,16 @@ def change(
     help='YAML file with any of these settings and more (lr, loss, pos_weight, nodata, '
     'samples_per_epoch, ...); command-line options win.',
 )
+@resume_option
 @run_folder_options
 def train_change(
-    config_file: Path | None, overwrite: bool, quiet: bool, bands: str | None, **options: object
+    config_file: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    bands: str | None,
+    output: Path | None,
+    **options: object,
 ) -> None:
     """Fine-tune a change model on labelled --pairs, writing -o RUN_DIR.
 
@@ -267,7 +313,7 @@ def train_change(
     score and IoU of the change class are logged per epoch. RUN_DIR receives model.ckpt,
     model_card.json, config.yaml and logs/.
     """
-    check_output(options.get('output'), folder=True)  # type: ignore[arg-type]
+    check_output(output, folder=True)
     from geocmid.runs import change as change_training
     from geocmid.runs.config import resolve
 
@@ -278,8 +324,12 @@ def train_change(
         except ValueError:
             problem = f'expected 1-based band numbers like 1,2,3, got {bands!r}'
             raise InputError('--bands', problem) from None
-    config = resolve(change_training.ChangeConfig, config_file, {'bands': indexes, **options})
-    result = change_training.train_change(config, overwrite=overwrite, progress=not quiet)
+    config = resolve(
+        change_training.ChangeConfig, config_file, {'bands': indexes, 'output': output, **options}
+    )
+    result = change_training.train_change(
+        config, resume=resume, overwrite=overwrite, progress=not quiet
+    )
     shown = {
         'train_loss': 'train loss',
         'val_OverallF1Score': 'val F1 (change)',

@@ -15,6 +15,7 @@ from .options import (
     echo_fine_tuning,
     freeze_encoder_option,
     hardware_options,
+    resume_option,
     run_folder_options,
     training_options,
     tta_option,
@@ -88,8 +89,11 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
     help='YAML file with any of these settings (and loss, log_every_n_steps); '
     'command-line options win.',
 )
+@resume_option
 @run_folder_options
-def train_classify(config_file: Path | None, overwrite: bool, quiet: bool, **options: Any) -> None:
+def train_classify(
+    config_file: Path | None, resume: bool, overwrite: bool, quiet: bool, **options: Any
+) -> None:
     """Fine-tune a scene classifier on labelled chips, writing -o RUN_DIR.
 
     RUN_DIR receives model.ckpt, model_card.json (bands, normalisation, patch size, classes,
@@ -100,5 +104,5 @@ def train_classify(config_file: Path | None, overwrite: bool, quiet: bool, **opt
     from geocmid.runs.config import resolve
 
     config = resolve(ClassifyConfig, config_file, options)
-    result = train_classification(config, overwrite=overwrite, progress=not quiet)
+    result = train_classification(config, resume=resume, overwrite=overwrite, progress=not quiet)
     echo_fine_tuning(result, {'train_loss': 'train_loss', 'val_OverallAccuracy': 'val top-1'})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -63,7 +63,11 @@ def _common_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _run(
-    protocol: str, json_path: Path | None, overwrite: bool, verbose: bool, **options: Any
+    protocol: Literal['knn', 'linear'],
+    json_path: Path | None,
+    overwrite: bool,
+    verbose: bool,
+    **options: Any,
 ) -> None:
     """Evaluate, print the top-1 accuracy (and per-class accuracy), write the JSON."""
     from geocmid.evaluation.evaluate import evaluate, write_result

@@ -24,15 +24,17 @@ from .options import parse_bands
     help='With --stack or a STAC Item: pixel size of the scene grid (default the finest band).',
 )  # fmt: skip
 def info(path: str, stats: bool, stack: bool, bands: str | None, resolution: float | None) -> None:
-    """Describe each raster under PATH (a file, a folder searched recursively, a URL such as
-    https://... or s3://..., a STAC Item or ItemCollection, or with --stack one scene's folder).
+    """Describe each raster under PATH, or the scenes of a STAC document or a --stack folder.
+
+    PATH is a file, a folder searched recursively, a URL (https://..., s3://...), a STAC Item,
+    ItemCollection or STAC-GeoParquet file, or with --stack the folder of one scene's bands.
 
     Prints the driver, size, bands and dtypes, CRS, resolution, bounds, nodata and band
     descriptions. Rasters without a CRS are described (crs: none), not rejected.
     """
     from geocmid.raster.files import describe_raster, describe_rasters, format_info
-    from geocmid.raster.stac import is_stac
     from geocmid.raster.sources import resolve_scenes
+    from geocmid.raster.stac import is_stac
 
     if stack or is_stac(path):
         scenes = resolve_scenes(path, stack=stack, bands=parse_bands(bands), resolution=resolution)

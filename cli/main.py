@@ -31,7 +31,7 @@ DEBUG_VARIABLE = 'GEOCMID_DEBUG'
 COMMANDS: dict[str, tuple[str, str]] = {
     'info': (
         'info:info',
-        'Describe each raster under PATH (a file, a folder searched recursively, a URL...',
+        'Describe each raster under PATH, or the scenes of a STAC document or a --stack folder.',
     ),
     'pretrain': (
         'pretrain:pretrain',

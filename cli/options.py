@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +131,16 @@ def training_options[F: Callable[..., Any]](command: F) -> F:
     )(command)
 
 
+def resume_option[F: Callable[..., Any]](command: F) -> F:
+    """``--resume``, which every training command takes."""
+    return click.option(
+        '--resume',
+        is_flag=True,
+        help='Continue from RUN_DIR/checkpoints/last.ckpt; --config RUN_DIR/config.yaml repeats '
+        "the run's settings.",
+    )(command)
+
+
 def run_folder_options[F: Callable[..., Any]](command: F) -> F:
     """``--overwrite`` and ``--quiet``, which every command writing a run folder takes."""
     command = click.option('--quiet', is_flag=True, help='No progress bar.')(command)
@@ -179,7 +189,7 @@ class ItemReport:
             raise InputError(str(source), message)
 
 
-def scene_inputs[F: Callable[..., Any]](*params: str) -> Callable[[F], F]:
+def scene_inputs(*params: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--stack``, and the one resolution of the raster arguments ``params`` of a command.
 
     Before the command runs, each given value goes through
@@ -189,7 +199,8 @@ def scene_inputs[F: Callable[..., Any]](*params: str) -> Callable[[F], F]:
     value standing for one scene stays one path; several scenes become a list.
     """
 
-    def decorate(command: F) -> F:
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        # The command gains a --stack parameter, so the result is not typed as ``command``.
         @functools.wraps(command)
         def wrapper(*args: Any, stack: bool = False, **kwargs: Any) -> Any:
             from geocmid.raster.sources import resolve_all
@@ -210,5 +221,111 @@ def scene_inputs[F: Callable[..., Any]](*params: str) -> Callable[[F], F]:
             help='Each folder given is ONE scene whose raster files are its bands (named by '
             'their descriptions or file names), stacked on the finest band grid.',
         )(wrapper)  # fmt: skip
+
+    return decorate
+
+
+def cluster_options[F: Callable[..., Any]](command: F, *, manifest: bool = True) -> F:
+    """``--cluster``, ``--workers``, ``--inputs`` and ``--shard``: many inputs, many machines.
+
+    Without ``manifest``, only ``--cluster`` and ``--workers``.
+
+    See ``geocmid/inference/cluster.py`` and ``geocmid/inference/manifest.py``.
+    """
+    options = [
+        click.option(
+            '--inputs',
+            type=click.Path(path_type=Path),
+            help='Manifest of further inputs: a .txt with one file per line, or a .csv (its '
+            "path or scene column). Relative paths are from the manifest's folder.",
+        ),
+        click.option(
+            '--shard',
+            metavar='I/N',
+            help='Run only every N-th input from the I-th (0-based): one of N array jobs '
+            '(SLURM, AWS Batch) over one manifest.',
+        ),
+        click.option(
+            '--cluster',
+            metavar='local|none|tcp://HOST:PORT',
+            help="Where inputs run: 'local' (default with several inputs: an embedded Dask "
+            "cluster, one worker per GPU or --workers CPU workers), 'none' (this process) or "
+            'the address of a Dask scheduler.',
+        ),
+        click.option(
+            '--workers',
+            'cluster_workers',
+            type=POSITIVE,
+            help='With --cluster local: this many CPU workers, one torch thread each.',
+        ),
+    ]
+    for option in reversed(options if manifest else options[2:]):
+        command = option(command)
+    return command
+
+
+def resolve_cluster(cluster: str | None, inputs: int, devices: object, workers: int | None) -> str:
+    """``--cluster`` as given, else ``local`` for several inputs, devices or workers."""
+    if cluster is not None:
+        return cluster
+    from geocmid.inference.cluster import default_cluster
+
+    several = devices != 1 or workers is not None
+    return 'local' if several else default_cluster(inputs)
+
+
+def stac_option[F: Callable[..., Any]](command: F) -> F:
+    """``--stac``: a STAC Item beside each prediction (see ``geocmid/io/stac.py``)."""
+    return click.option(
+        '--stac', is_flag=True,
+        help='Also write a STAC Item (<output>.json, beside the label COG) describing the '
+        'outputs, and with an output folder a collection.json over every scene.',
+    )(command)  # fmt: skip
+
+
+def write_stac(results: Iterable[Any], folder: Path | None, overwrite: bool) -> None:
+    """Write the STAC Item of each result (a ``DenseResult``) beside its label COG.
+
+    With an output ``folder``, also its ``collection.json`` over every Item.
+    """
+    from geocmid.io.stac import prediction_item, write_collection, write_item
+    from geocmid.raster.locations import location_name
+
+    written = []
+    for result in results:
+        if result.raster is None:
+            continue
+        item = prediction_item(
+            result.raster, vector=result.vector, probabilities=result.probabilities,
+            source_name=location_name,
+        )  # fmt: skip
+        written.append(write_item(item, result.raster.with_suffix('.json'), overwrite))
+    if folder is not None and written:
+        write_collection(written, folder / 'collection.json', folder.name, overwrite=True)
+
+
+def remote_output[F: Callable[..., Any]](param: str = 'output') -> Callable[[F], F]:
+    """Let the output ``param`` be ``s3://bucket/key`` (see ``geocmid/io/remote.py``).
+
+    The command writes to a local staging path of the same name; when it succeeds, every file
+    it wrote there is uploaded whole. The bucket must exist, and the object must not unless
+    ``--overwrite`` is given.
+    """
+
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from geocmid.io.remote import s3_output, staged_output
+
+            target = None if kwargs.get(param) is None else s3_output(kwargs[param])
+            if target is None:
+                return command(*args, **kwargs)
+            if kwargs.get('skip_existing'):
+                raise click.UsageError('--skip-existing needs a local output folder')
+            with staged_output(target, bool(kwargs.get('overwrite'))) as local:
+                kwargs[param] = local
+                return command(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
 
     return decorate

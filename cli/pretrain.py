@@ -15,6 +15,7 @@ from .options import (
     check_output,
     hardware_options,
     parse_bands,
+    resume_option,
     run_folder_options,
     scene_inputs,
     training_options,
@@ -59,12 +60,7 @@ from .options import (
     type=click.Path(path_type=Path),
     help='YAML file with any of these settings (command-line options win) and a task: section.',
 )
-@click.option(
-    '--resume',
-    is_flag=True,
-    help='Continue from RUN_DIR/checkpoints/last.ckpt; --config RUN_DIR/config.yaml repeats '
-    "the run's settings.",
-)
+@resume_option
 @run_folder_options
 def pretrain(
     config_file: Path | None,
@@ -73,6 +69,7 @@ def pretrain(
     quiet: bool,
     bands: str | None,
     rgb_bands: str | None,
+    output: Path | None,
     **options: object,
 ) -> None:
     """Pretrain an encoder (CMID, GeRSP) on --rasters DIR or --images DIR, writing -o RUN_DIR.
@@ -82,10 +79,10 @@ def pretrain(
     RUN_DIR receives checkpoints/last.ckpt, logs/, encoder.pt (a plain timm state dict of the
     student encoder) and model_card.json (bands, normalisation, patch size, data, settings).
     """
-    check_output(options.get('output'), folder=True)  # type: ignore[arg-type]
+    check_output(output, folder=True)
     from geocmid.runs.pretrain import load_pretrain_config, run_pretraining
 
-    config = load_pretrain_config(config_file, bands=parse_bands(bands), **options)
+    config = load_pretrain_config(config_file, bands=parse_bands(bands), output=output, **options)
     if rgb_bands is not None:
         if config.method != 'gersp':
             raise InputError('--rgb-bands', f'is for --method gersp, not {config.method}')

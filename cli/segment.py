@@ -14,10 +14,15 @@ from .options import (
     POSITIVE,
     ItemReport,
     check_output,
+    cluster_options,
     parse_bands,
+    remote_output,
+    resolve_cluster,
     scene_inputs,
     split_list,
+    stac_option,
     tta_option,
+    write_stac,
 )
 
 if TYPE_CHECKING:
@@ -51,8 +56,9 @@ def _summary(name: str, result: SegmentResult) -> str:
 
 @click.command()
 @scene_inputs('scenes')
+@remote_output('output')
 @click.argument(
-    'scenes', nargs=-1, required=True, metavar='SCENE...', type=click.Path(path_type=Path)
+    'scenes', nargs=-1, required=False, metavar='SCENE...', type=click.Path(path_type=Path)
 )
 @click.option(
     '-o', '--output', required=True, type=click.Path(path_type=Path),
@@ -114,9 +120,10 @@ def _summary(name: str, result: SegmentResult) -> str:
 )
 @click.option(
     '--devices', default='1', show_default=True,
-    help='Spread the scenes over N GPUs (one worker process each), or over a list of devices '
-    "('cuda:0,cuda:2'; 'cpu,cpu' for two CPU workers).",
+    help='The workers of --cluster local: N GPUs (one worker each, pinned to its GPU), or a '
+    "list of devices ('cuda:0,cuda:2'; 'cpu,cpu' for two CPU workers).",
 )  # fmt: skip
+@cluster_options
 @click.option('--overwrite', is_flag=True, help='Replace existing outputs.')
 @click.option(
     '--skip-existing', is_flag=True,
@@ -125,6 +132,7 @@ def _summary(name: str, result: SegmentResult) -> str:
 )  # fmt: skip
 @click.option('--fail-fast', is_flag=True, help='With many scenes, stop at the first bad one.')
 @click.option('--quiet', is_flag=True, help='No progress bar.')
+@stac_option
 def segment(
     scenes: tuple[Path, ...],
     output: Path,
@@ -135,9 +143,14 @@ def segment(
     bands: str | None,
     classes: str | None,
     devices: str,
+    inputs: Path | None,
+    shard: str | None,
+    cluster: str | None,
+    cluster_workers: int | None,
     skip_existing: bool,
     fail_fast: bool,
     quiet: bool,
+    stac: bool,
     **options: Any,
 ) -> None:
     """Segment SCENE... with a trained model: class polygons, label and probability COGs.
@@ -146,57 +159,79 @@ def segment(
     Scenes are read with the bands and normalisation of the model card; outputs lie on each
     scene's grid and CRS, with nodata where the scene has none. Class 0 (background) is not
     polygonised. With many scenes, a bad scene is reported and the others still run (unless
-    --fail-fast); the exit status is then 2.
+    --fail-fast); the exit status is then 2. Many scenes run on a Dask cluster (--cluster),
+    and the output folder receives the run table run.parquet.
     """
     check_output(output, folder=output.suffix.lower() != '.gpkg')
     for extra in (raster, probabilities):
         check_output(None if extra in (None, _BESIDE) else Path(extra))
     from geocmid.api import segment as segment_scene
     from geocmid.api import segment_scenes
+    from geocmid.inference.cluster import check_cluster
     from geocmid.inference.devices import parse_devices
+    from geocmid.inference.manifest import parse_shard
     from geocmid.inference.onnx_model import is_onnx, load_model
     from geocmid.inference.products.segment import SegmentationModel, find_scenes
 
+    part = parse_shard(shard)
+    if cluster is not None:
+        check_cluster(cluster)
+    loaded: Path | SegmentationModel = model
     if is_onnx(model):  # its card, or one from --bands and --classes when it has none
         onnx = load_model(
             model, 'segmentation', bands=parse_bands(bands), classes=split_list(classes)
         )
-        model = SegmentationModel(onnx.network, onnx.card, onnx.weights)  # type: ignore[assignment]
+        loaded = SegmentationModel(onnx.network, onnx.card, onnx.weights)
     elif classes is not None:
         raise click.UsageError('--classes names the classes of a .onnx file without model card')
     settings = dict(resolution=_resolution(resolution), bands=parse_bands(bands), **options)
     workers = parse_devices(devices)
+    if not scenes and inputs is None:
+        raise click.UsageError('give SCENE... or --inputs')
     if output.suffix.lower() == '.gpkg':
         if skip_existing:
             raise click.UsageError('--skip-existing resumes a run into an output folder')
+        if inputs is not None or shard is not None:
+            raise click.UsageError('--inputs and --shard need an output folder, not a .gpkg')
         paths = find_scenes(scenes)
         if len(paths) > 1:
             raise InputError(output, f'{len(paths)} scenes need an output folder, not a .gpkg')
         if workers != 1:
             raise InputError('--devices', 'spreads many scenes over devices; give one --device')
-        beside = {
-            'raster': output.with_suffix('.tif'),
-            'probabilities': output.with_name(f'{output.stem}_probabilities.tif'),
-        }
-        rasters = {
-            name: beside[name] if value == _BESIDE else value
-            for name, value in (('raster', raster), ('probabilities', probabilities))
-        }
+        if stac and raster is None:
+            raise click.UsageError('--stac describes the label COG: add --raster')
+        beside = output.with_name(f'{output.stem}_probabilities.tif')
         result = segment_scene(
-            paths[0], model, vector=output, progress=not quiet, **rasters, **settings
+            paths[0],
+            loaded,
+            vector=output,
+            raster=output.with_suffix('.tif') if raster == _BESIDE else raster,
+            probabilities=beside if probabilities == _BESIDE else probabilities,
+            progress=not quiet,
+            **settings,
         )
         click.echo(_summary(paths[0].stem, result))
+        if stac:
+            write_stac([result], None, options.get('overwrite', False))
         return
     for name, value in (('--raster', raster), ('--probabilities', probabilities)):
         if value not in (None, _BESIDE):
             raise click.UsageError(
                 f'with an output folder, {name} takes no path: files are named after the scenes'
             )
-    report = ItemReport('scene')
+    from geocmid.inference.manifest import read_manifest
 
+    report = ItemReport('scene')
+    listed = read_manifest(inputs) if inputs is not None else []
+    count = (len(find_scenes(scenes)) if scenes else 0) + len(listed)
     results = segment_scenes(
-        scenes, model, output, probabilities=probabilities is not None, devices=workers,
+        scenes or None, loaded, output, inputs=inputs, shard=part,
+        client=resolve_cluster(cluster, -(-count // (part[1] if part else 1)), workers,
+                               cluster_workers),
+        workers=cluster_workers, probabilities=probabilities is not None, devices=workers,
         fail_fast=fail_fast, on_error=report.error, on_skip=report.skip, progress=not quiet,
         skip_existing=skip_existing, **settings,
     )  # fmt: skip
+    if stac:
+        write_stac(results.values(), output, options.get('overwrite', False))
     report.finish(output, [_summary(name, result) for name, result in results.items()])

@@ -14,6 +14,7 @@ from .options import (
     freeze_encoder_option,
     hardware_options,
     parse_bands,
+    resume_option,
     run_folder_options,
     scene_inputs,
     split_list,
@@ -68,13 +69,16 @@ def train() -> None:
     help='YAML file with any of these settings and more (lr, loss, val_fraction, block_size, '
     'samples_per_epoch, ...); command-line options win.',
 )
+@resume_option
 @run_folder_options
 def segment(
     config_file: Path | None,
+    resume: bool,
     overwrite: bool,
     quiet: bool,
     classes: str | None,
     bands: str | None,
+    output: Path | None,
     **options: object,
 ) -> None:
     """Fine-tune a segmentation model on --rasters and --labels, writing -o RUN_DIR.
@@ -84,16 +88,16 @@ def segment(
     colours, tile size, resolution, encoder provenance), config.yaml and logs/ (loss, mIoU and
     per-class IoU per epoch).
     """
-    check_output(options.get('output'), folder=True)  # type: ignore[arg-type]
+    check_output(output, folder=True)
     from geocmid.runs.config import resolve
     from geocmid.runs.segmentation import SegmentConfig, train_segmentation
 
     config = resolve(
         SegmentConfig,
         config_file,
-        {'classes': split_list(classes), 'bands': parse_bands(bands), **options},
+        {'classes': split_list(classes), 'bands': parse_bands(bands), 'output': output, **options},
     )
-    result = train_segmentation(config, overwrite=overwrite, progress=not quiet)
+    result = train_segmentation(config, resume=resume, overwrite=overwrite, progress=not quiet)
     echo_fine_tuning(result, {'train_loss': 'train loss', 'val_AverageJaccardIndex': 'val mIoU'})
 
 

@@ -43,8 +43,10 @@ API = (
 
 
 def __getattr__(name: str) -> Any:
-    """Import the API on first use, so that ``import geocmid`` (and ``geocmid info``) stays
-    light: the API pulls in torch, Lightning and TorchGeo.
+    """Import the API on first use.
+
+    So ``import geocmid`` (and ``geocmid info``) stays light: the API pulls in torch, Lightning
+    and TorchGeo.
     """
     if name not in API:
         raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

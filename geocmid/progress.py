@@ -20,7 +20,7 @@ LINE_STEP = 0.1
 LINE_SECONDS = 30.0
 
 
-class LineProgress(tqdm):  # type: ignore[type-arg]
+class LineProgress(tqdm):
     """tqdm writing one plain line per :data:`LINE_STEP` of the total or :data:`LINE_SECONDS`.
 
     tqdm is asked to refresh on every update; :meth:`display` decides which refreshes become
@@ -73,7 +73,7 @@ def progress_bar(
     disable: bool = False,
     file: TextIO | None = None,
     **kwargs: Any,
-) -> tqdm:  # type: ignore[type-arg]
+) -> tqdm:
     """A tqdm bar on a terminal, a :class:`LineProgress` elsewhere (same interface).
 
     Args:

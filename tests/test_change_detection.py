@@ -364,7 +364,7 @@ def test_cli_pairs_report_bad_pairs_and_finish_the_others(
     assert lines[1].startswith(f'error: {csv}:4: ') and 'no overlap with' in lines[1]
     assert lines[2] == f'error: {csv}: 2 of 4 pair(s) failed (see above)'
     written = sorted(p.name for p in (tmp_path / 'out').iterdir())
-    assert written == ['after_before.gpkg', 'before_after.gpkg']
+    assert written == ['after_before.gpkg', 'before_after.gpkg', 'run.parquet']
     assert stdout.count('change polygon(s)') == 2
     code, _, err = run_cli(
         ['change', '--pairs', csv, '-o', tmp_path / 'out2', '--encoder', encoder3, '--fail-fast',
@@ -421,7 +421,7 @@ def test_cli_train_then_detect_with_the_trained_model(make_geotiff, tmp_path: Pa
     names = sorted(p.name for p in (tmp_path / 'out').iterdir())
     assert names == [
         'first.gpkg', 'first_change.tif', 'first_change.tif.aux.xml',  # class names for GIS
-        'second.gpkg', 'second_change.tif', 'second_change.tif.aux.xml',
+        'run.parquet', 'second.gpkg', 'second_change.tif', 'second_change.tif.aux.xml',
     ]  # fmt: skip
     with rasterio.open(tmp_path / 'out' / 'second_change.tif') as out:
         assert out.transform == from_origin(601000.0, 5000000.0, 1.0, 1.0)

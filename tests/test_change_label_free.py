@@ -131,3 +131,29 @@ def test_method_with_a_trained_model_is_refused() -> None:
 
     with pytest.raises(InputError, match='--method: chooses a label-free method'):
         change_model('run', method='irmad')
+
+
+def test_band_descriptions_that_are_not_common_names_are_not_compared(
+    make_geotiff, encoder: Path
+) -> None:
+    """Landsat ENVI headers name bands after their metadata files, which differ by date."""
+    data = np.random.default_rng(2).integers(1, 255, (3, 64, 80)).astype(np.uint8)
+    before = make_geotiff('b.tif', data, transform=TRANSFORM, nodata=0)
+    after = make_geotiff('a.tif', data, transform=TRANSFORM, nodata=0)
+    for path, date in ((before, '20000317'), (after, '20030206')):
+        with rasterio.open(path, 'r+') as dst:
+            dst.descriptions = [f'Band {i} (L71119038_{date}_MTL.txt)' for i in (1, 2, 3)]
+    result = detect_change(before, after, ChangeModel.from_encoder(encoder, 'cva'), progress=False)
+    assert result.method == 'cva'
+
+
+def test_detect_changes_takes_method_and_change_fraction(pair, encoder: Path, tmp_path) -> None:
+    import geocmid
+
+    before, after = pair
+    results = geocmid.detect_changes(
+        [(before, after)], encoder=encoder, method='cva', change_fraction=0.1,
+        out_dir=tmp_path / 'out', raster=True, progress=False,
+    )  # fmt: skip
+    (result,) = results.values()
+    assert (result.method, result.threshold_rule) == ('cva', 'fraction')

@@ -114,7 +114,9 @@ def test_labelled_folder_maps_sorted_first_level_folders(tmp_path: Path) -> None
     dataset = ChipFolder(tmp_path, require_classes=2)
     assert dataset.classes == ['forest', 'urban', 'water']
     assert dataset.class_to_idx == {'forest': 0, 'urban': 1, 'water': 2}
-    by_name = {path.name: target for path, target in zip(dataset.files, dataset.targets)}
+    by_name = {
+        path.name: target for path, target in zip(dataset.files, dataset.targets, strict=True)
+    }
     assert by_name == {'f1.png': 0, 'f2.png': 0, 'u1.png': 1, 'w1.png': 2}
     index = dataset.files.index(tmp_path / 'water' / 'w1.png')
     label = dataset[index]['label']

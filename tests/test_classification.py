@@ -14,10 +14,10 @@ from PIL import Image
 
 from geocmid.datamodules.classification import ChipClassificationDataModule, labelled_chips
 from geocmid.errors import InputError
-from geocmid.io.cards import ModelCard, read_card, write_card
-from geocmid.models.weights import save_encoder
 from geocmid.inference.products.classify import classify_folder
+from geocmid.io.cards import ModelCard, read_card, write_card
 from geocmid.models.networks import load_encoder_weights
+from geocmid.models.weights import save_encoder
 from geocmid.runs.artefacts import load_classifier
 from geocmid.runs.classification import ClassifyConfig, train_classification
 from geocmid.tasks.finetune.classification import SceneClassification
@@ -100,6 +100,7 @@ def test_train_then_classify(tmp_path: Path, encoder: Path) -> None:
     logged = set(result.metrics)
     assert {'train_loss', 'val_OverallAccuracy', 'val_ClasswiseAccuracy_dark'} <= logged
     assert {p.name for p in (tmp_path / 'run').iterdir()} == {
+        'checkpoints',  # last.ckpt, for --resume
         'config.yaml',
         'logs',
         'model.ckpt',

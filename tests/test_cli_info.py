@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_geotiff
+
 from geocmid_cli.main import main
 
 

@@ -14,9 +14,9 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner, Result
-from geocmid_cli.pretrain import pretrain
 
 from geocmid.errors import InputError
+from geocmid_cli.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 NAIP = REPO / 'sample_data' / 'naip'
@@ -25,8 +25,10 @@ TINY_CONFIG = REPO / 'configs' / 'cmid_tiny_test.yaml'
 
 @pytest.fixture
 def rasters(tmp_path: Path, make_geotiff: Callable[..., Path]) -> Path:
-    """The NAIP sample (copied: the statistics sidecar is written beside the data), else
-    generated 4-band rasters."""
+    """The NAIP sample, else generated 4-band rasters.
+
+    The sample is copied: the statistics sidecar is written beside the data.
+    """
     target = tmp_path / 'naip'
     if NAIP.is_dir():
         shutil.copytree(NAIP, target)

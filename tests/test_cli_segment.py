@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import rasterio
 from conftest import REPO, SAMPLE_DATA, write_geotiff
-from geocmid_cli.main import main
 from rasterio.windows import Window
 
 from geocmid.io.cog import validate_cog
+from geocmid_cli.main import main
 
 SPACENET = SAMPLE_DATA / 'spacenet' / 'buildings.tif'
 
@@ -87,7 +87,7 @@ def test_many_scenes_to_a_folder(
     assert code == 0
     names = sorted(p.name for p in output.iterdir() if not p.name.endswith('.aux.xml'))
     assert names == ['a.gpkg', 'a.tif', 'a_probabilities.tif', 'b.gpkg', 'b.tif',
-                     'b_probabilities.tif']  # fmt: skip
+                     'b_probabilities.tif', 'run.parquet']  # fmt: skip
     with rasterio.open(output / 'b.tif') as labels:
         assert labels.tags()['BLEND'] == 'linear'
     out = capsys.readouterr().out.strip().splitlines()
@@ -104,7 +104,7 @@ def test_a_bad_scene_among_many_exits_2_after_the_others(
 
     assert code == 2
     assert sorted(p.name for p in (tmp_path / 'maps').iterdir()) == [
-        'good.gpkg', 'good.tif', 'good.tif.aux.xml'
+        'good.gpkg', 'good.tif', 'good.tif.aux.xml', 'run.parquet'
     ]  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
@@ -188,8 +188,11 @@ def test_entry_point_exits_2_on_bad_input(run_dir: Path, tmp_path: Path) -> None
 
 
 def test_unwritable_folder(run_dir: Path, tmp_path: Path) -> None:
-    """An output folder that cannot be written: here a regular file stands where it should be
-    (a permission-based check cannot fail as root, who may write anywhere)."""
+    """An output folder that cannot be written.
+
+    Here a regular file stands where it should be (a permission-based check cannot fail as root,
+    who may write anywhere).
+    """
     blocker = tmp_path / 'maps'
     blocker.write_text('not a folder')
     code = run(['segment', tile(tmp_path / 's.tif'), '-o', blocker / 's.gpkg', '--model',

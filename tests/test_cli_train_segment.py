@@ -12,7 +12,6 @@ import shapely
 import timm
 import torch
 import yaml
-from geocmid_cli.main import main
 
 from geocmid.errors import InputError
 from geocmid.io.cards import ModelCard, read_card, write_card
@@ -22,6 +21,7 @@ from geocmid.runs.artefacts import load_segmentation_model
 from geocmid.runs.finetune import RUN_OUTPUTS
 from geocmid.runs.folders import prepare_run_dir
 from geocmid.runs.segmentation import parse_classes
+from geocmid_cli.main import main
 
 X0, Y0 = 500000.0, 4000000.0  # upper-left corner of conftest's rasters (1 m pixels)
 

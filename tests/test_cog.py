@@ -19,10 +19,10 @@ from torch import Tensor
 
 from geocmid.errors import InputError
 from geocmid.inference.engine import predict_scene
-from geocmid.raster.scene import SceneReader
 from geocmid.io.atomic import atomic_output, partial_path
 from geocmid.io.cards import ClassInfo
 from geocmid.io.cog import PredictionWriter, default_classes, label_encoding, validate_cog
+from geocmid.raster.scene import SceneReader
 
 TRANSFORM = from_origin(500003.37, 3997641.11, 0.3, 0.3)
 CLASSES = [

@@ -1,4 +1,7 @@
-"""Tests for geocmid.inference.products.embed: window grid, exact footprints, nodata skipping, GeoParquet."""
+"""Tests for geocmid.inference.products.embed.
+
+Window grid, exact footprints, nodata skipping, GeoParquet.
+"""
 
 from __future__ import annotations
 
@@ -206,8 +209,8 @@ def test_cli_bad_input_exits_2(
 
 
 def test_top_level_api_exposes_the_function() -> None:
-    # The module is geocmid.inference.products.embed, not geocmid.embed: a submodule of that name would
-    # shadow the function in the package namespace once imported.
+    # The module is geocmid.inference.products.embed, not geocmid.embed: a submodule of that
+    # name would shadow the function in the package namespace once imported.
     import geocmid
     import geocmid.inference.products.embed
 

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from geocmid.errors import InputError
 from geocmid.inference.engine import predict_scene
-from geocmid.raster.scene import SceneReader
 from geocmid.inference.tiling import BLENDS
 from geocmid.io.cog import PredictionWriter, default_classes, validate_cog
+from geocmid.raster.scene import SceneReader
 
 #: A sub-metre grid whose origin float32 cannot hold (500003.375, 3997641.0 in float32).
 ORIGIN = (500003.37, 3997641.11)

@@ -180,6 +180,17 @@ def test_artefacts_and_inference_do_not_import_lightning() -> None:
     subprocess.run([sys.executable, '-c', code], check=True)
 
 
+def test_runs_do_not_import_evaluation() -> None:
+    """Runs sit below evaluation in the layers: no run module may import it."""
+    code = (
+        'import sys, importlib, pkgutil, geocmid.runs; '
+        '[importlib.import_module(m.name) for m in pkgutil.walk_packages(geocmid.runs.__path__, '
+        "'geocmid.runs.')]; "
+        "assert not [m for m in sys.modules if m.startswith('geocmid.evaluation')], 'imported'"
+    )
+    subprocess.run([sys.executable, '-c', code], check=True)
+
+
 def test_classification_validates_the_final_model(runs: dict[str, Path]) -> None:
     # 8 training chips in batches of 4: epoch-end validation ran after step 2, and the model
     # took one more step; the logged validation loss must be the exported model's.

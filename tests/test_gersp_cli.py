@@ -12,11 +12,11 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner, Result
-from geocmid_cli.pretrain import pretrain
 from PIL import Image
 
 from geocmid.errors import InputError
 from geocmid.runs.pretrain import load_pretrain_config
+from geocmid_cli.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 NAIP = REPO / 'sample_data' / 'naip'

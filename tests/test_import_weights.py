@@ -16,11 +16,11 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from geocmid_cli.import_weights import import_weights_command
 from torch import Tensor
 
 from geocmid.errors import InputError
 from geocmid.models.weights import import_weights, load_encoder, read_checkpoint
+from geocmid_cli.import_weights import import_weights_command
 
 
 def resnet50_state(seed: int) -> dict[str, Tensor]:

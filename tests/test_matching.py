@@ -145,8 +145,8 @@ def test_gather_tokens_picks_raster_indexed_tokens() -> None:
     assert got.shape == (2, 2, 3)
     for b in range(2):
         for n in range(2):
-            k, l = divmod(int(idx[b, n]), 2)
-            torch.testing.assert_close(got[b, n], feature_map[b, :, k, l])
+            row, col = divmod(int(idx[b, n]), 2)
+            torch.testing.assert_close(got[b, n], feature_map[b, :, row, col])
 
 
 def test_cell_centres_describe_the_augmented_crops() -> None:

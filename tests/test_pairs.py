@@ -178,7 +178,7 @@ def test_window_reads_match_the_whole_grid(make_geotiff) -> None:
         window = Window(5, 7, 9, 11)
         part = pair.read(window, indexes=[3, 1], out_dtype='float32')
     assert part[0].dtype == np.float32 and part[0].shape == (2, 11, 9)
-    for full, piece in zip(whole, part):
+    for full, piece in zip(whole, part, strict=True):
         np.testing.assert_array_equal(full[..., 7:18, 5:14], piece)
 
 

@@ -1,15 +1,16 @@
-"""Rasters read where users keep them: an HTTP server honouring Range requests and an S3 server
-(moto), both started by the tests on 127.0.0.1 and stopped after them."""
+"""Rasters read where users keep them, from servers the tests start on 127.0.0.1.
+
+An HTTP server honouring Range requests (``range_server.py``) and an S3 server (moto), both
+stopped after the tests.
+"""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import os
-import re
 import shutil
 import socket
-import threading
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,6 @@ import pystac
 import pytest
 import rasterio
 from conftest import SAMPLE_DATA, write_geotiff
-from geocmid_cli.main import main
 from pystac.extensions.eo import Band, EOExtension
 from rasterio.transform import from_origin
 from rasterio.windows import Window
@@ -29,67 +29,42 @@ from geocmid.errors import InputError
 from geocmid.raster.files import open_raster
 from geocmid.raster.locations import normalise_location
 from geocmid.raster.sources import resolve_scene
+from geocmid_cli.main import main
 
 S2 = SAMPLE_DATA / 'sentinel2' / 'S2A_MSIL2A_20170617T113321_36_85'
 
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files with ``Range: bytes=a-b`` support (test scaffolding: Python's handler
-    answers whole files only) and counts the bytes of file content it sends."""
+class Server:
+    """The Range-capable HTTP server of ``range_server.py``, in its own process."""
 
-    served = 0
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name('range_server.py')), str(root)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.url = f'http://127.0.0.1:{self.process.stdout.readline().strip()}'
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        """Quiet."""
+    def served(self) -> int:
+        """Bytes of file content sent since the last call."""
+        with urllib.request.urlopen(f'{self.url}/__served__', timeout=10) as answer:
+            return int(answer.read())
 
-    def send_head(self) -> Any:
-        """A 206 partial answer for a Range request; 403 under forbidden/."""
-        if self.path.startswith('/forbidden/'):
-            self.send_error(403)
-            return None
-        path = self.translate_path(self.path)
-        match = re.fullmatch(r'bytes=(\d+)-(\d*)', self.headers.get('Range', '').strip())
-        if match is None or not os.path.isfile(path):
-            self._remaining = None
-            return super().send_head()
-        size = os.path.getsize(path)
-        start = int(match.group(1))
-        end = min(int(match.group(2) or size - 1), size - 1)
-        source = open(path, 'rb')  # noqa: SIM115 (closed by the base class)
-        source.seek(start)
-        self.send_response(206)
-        self.send_header('Content-Type', 'application/octet-stream')
-        self.send_header('Content-Range', f'bytes {start}-{end}/{size}')
-        self.send_header('Content-Length', str(end - start + 1))
-        self.send_header('Accept-Ranges', 'bytes')
-        self.end_headers()
-        self._remaining = end - start + 1
-        return source
-
-    def copyfile(self, source: Any, outputfile: Any) -> None:
-        """Send the requested range only, counting it."""
-        remaining = getattr(self, '_remaining', None)
-        data = source.read() if remaining is None else source.read(remaining)
-        type(self).served += len(data)
-        outputfile.write(data)
+    def stop(self) -> None:
+        """Terminate the server and wait for it."""
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.process.stdout.close()
 
 
 @pytest.fixture(scope='module')
-def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, type]]:
-    """(served folder, base URL, handler class) of a Range-capable server on 127.0.0.1."""
-    root = tmp_path_factory.mktemp('served')
-    handler = type('Handler', (RangeHandler,), {'served': 0})
-    server = http.server.ThreadingHTTPServer(
-        ('127.0.0.1', 0), functools.partial(handler, directory=str(root))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server of a temporary folder on 127.0.0.1 (stopped after the tests)."""
+    server = Server(tmp_path_factory.mktemp('served'))
     try:
-        yield root, f'http://127.0.0.1:{server.server_address[1]}', handler
+        yield server
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        server.stop()
 
 
 def cog(path: Path, size: int = 1024, seed: int = 0) -> Path:
@@ -118,26 +93,26 @@ def test_locations_are_normalised_once() -> None:
 
 
 def test_remote_window_equals_local_and_reads_only_its_blocks(
-    http_root: tuple[Path, str, type],
+    http_server: Server,
 ) -> None:
-    root, url, handler = http_root
+    root, url = http_server.root, http_server.url
     local = cog(root / 'window.tif')
     window = Window(512, 256, 256, 256)
     with rasterio.open(local) as src:
         expected = src.read(window=window)
     with open_raster(f'{url}/window.tif') as src:
         assert src.shape == (1024, 1024)
-        handler.served = 0
+        http_server.served()
         got = src.read(window=window)
-        served = handler.served
+        served = http_server.served()
     np.testing.assert_array_equal(got, expected)
     size = local.stat().st_size
     # One 256 x 256 tile of a 4 x 4 tiled file: about 1/16 of it, never the whole file.
     assert 0 < served < size / 8, (served, size)
 
 
-def test_info_on_a_url(http_root: tuple[Path, str, type], capsys: pytest.CaptureFixture) -> None:
-    root, url, _ = http_root
+def test_info_on_a_url(http_server: Server, capsys: pytest.CaptureFixture) -> None:
+    root, url = http_server.root, http_server.url
     cog(root / 'info.tif', size=512)
     assert run(['info', f'{url}/info.tif']) == 0
     out = capsys.readouterr().out
@@ -150,9 +125,9 @@ def test_info_on_a_url(http_root: tuple[Path, str, type], capsys: pytest.Capture
     ('forbidden/x.tif', 'HTTP 403 (access denied)'),
 ])  # fmt: skip
 def test_http_errors_are_one_line_naming_the_url(
-    http_root: tuple[Path, str, type], capsys: pytest.CaptureFixture, name: str, problem: str
+    http_server: Server, capsys: pytest.CaptureFixture, name: str, problem: str
 ) -> None:
-    _, url, _ = http_root
+    url = http_server.url
     assert run(['info', f'{url}/{name}']) == 2
     err = capsys.readouterr().err.strip()
     assert err == f'error: {url}/{name}: {problem}'
@@ -170,20 +145,24 @@ def test_a_server_that_does_not_answer_times_out(monkeypatch: pytest.MonkeyPatch
     assert error.value.source == url
 
 
-def test_stack_of_remote_bands_from_a_stac_item(
-    http_root: tuple[Path, str, type], tmp_path: Path
-) -> None:
-    """A STAC Item whose assets are remote single-band COGs at 10 m and 20 m: one scene on
-    the 10 m grid, equal to the local files."""
-    root, url, _ = http_root
+def test_stack_of_remote_bands_from_a_stac_item(http_server: Server, tmp_path: Path) -> None:
+    """A STAC Item whose assets are remote COGs at 10 m and 20 m: one scene at 10 m.
+
+    The scene equals the local files.
+    """
+    root, url = http_server.root, http_server.url
     (root / 's2').mkdir()
     for band in ('B04', 'B8A'):
         shutil.copy(S2 / f'{S2.name}_{band}.tif', root / 's2' / f'{band}.tif')
     item = pystac.Item('s2-remote', None, None, datetime(2017, 6, 17), {})
     for band, common in (('B04', 'red'), ('B8A', 'nir08')):
-        asset = pystac.Asset(f'{url}/s2/{band}.tif', media_type=pystac.MediaType.COG, roles=['data'])
+        asset = pystac.Asset(
+            f'{url}/s2/{band}.tif', media_type=pystac.MediaType.COG, roles=['data']
+        )
         item.add_asset(band, asset)
-        EOExtension.ext(asset, add_if_missing=True).bands = [Band.create(name=band, common_name=common)]
+        EOExtension.ext(asset, add_if_missing=True).bands = [
+            Band.create(name=band, common_name=common)
+        ]
     item.save_object(include_self_link=False, dest_href=str(tmp_path / 'item.json'))
 
     scene = resolve_scene(tmp_path / 'item.json', bands=['nir08', 'red'])
@@ -199,8 +178,8 @@ def test_stack_of_remote_bands_from_a_stac_item(
     np.testing.assert_array_equal(data[0], np.repeat(np.repeat(nir, 2, axis=0), 2, axis=1))
 
 
-def test_embed_a_remote_scene(http_root: tuple[Path, str, type], tmp_path: Path) -> None:
-    root, url, _ = http_root
+def test_embed_a_remote_scene(http_server: Server, tmp_path: Path) -> None:
+    root, url = http_server.root, http_server.url
     cog(root / 'embed.tif', size=128)
     code = run(['embed', '--rasters', f'{url}/embed.tif', '--encoder', 'random:resnet18',
                 '-o', tmp_path / 'e.parquet', '--tile', '64', '--bands', '1,1,1', '--device',
@@ -252,35 +231,125 @@ def test_read_a_raster_from_s3(s3: Any, tmp_path: Path) -> None:
     assert error.value.source == '/vsis3/scenes/a/missing.tif'
 
 
-def test_info_on_a_private_s3_object(s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """With credentials in the environment, requests are signed (the CLI once forced
-    AWS_NO_SIGN_REQUEST=YES, which made every private bucket answer 403)."""
+def test_info_on_a_private_s3_object(
+    s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """With credentials in the environment, requests are signed.
+
+    The CLI once forced AWS_NO_SIGN_REQUEST=YES, which made every private bucket answer 403.
+    """
     s3.upload_file(str(cog(tmp_path / 'p.tif', size=256)), 'scenes', 'private/p.tif')
     assert run(['info', 's3://scenes/private/p.tif']) == 0
     assert '256 x 256 px' in capsys.readouterr().out
 
 
 def test_patch_sampler_reads_remote_validity_from_overviews(
-    http_root: tuple[Path, str, type],
+    http_server: Server,
 ) -> None:
-    """The sampler's validity grid of a remote file comes from one coarse read (served by the
-    overviews), not from reading the file whole; patches then avoid its nodata half."""
+    """The sampler's validity grid of a remote file comes from one coarse read.
+
+    The read is served by the overviews, not by reading the file whole; patches then avoid
+    the file's nodata half.
+    """
     from geocmid.datasets.geo_raster import GeoRasterDataset
     from geocmid.samplers.valid_patch import ValidityGrid, ValidPatchSampler
 
-    root, url, handler = http_root
+    root, url = http_server.root, http_server.url
     data = np.random.default_rng(1).integers(1, 4000, (1, 1024, 1024), dtype=np.uint16)
     data[:, :, :512] = 0
     path = write_geotiff(root / 'half.tif', data, nodata=0, tiled=True)
     with rasterio.open(path, 'r+') as dst:
         dst.build_overviews([2, 4, 8, 16], rasterio.enums.Resampling.nearest)
     dataset = GeoRasterDataset(f'{url}/half.tif')
-    handler.served = 0
+    http_server.served()
     grid = ValidityGrid.of(dataset, 0)
-    assert handler.served < path.stat().st_size / 8, (handler.served, path.stat().st_size)
+    served = http_server.served()
+    assert served < path.stat().st_size / 8, (served, path.stat().st_size)
     assert grid.counts[:, : grid.counts.shape[1] // 2].sum() == 0
     assert grid.total == 512 * 1024
     sampler = ValidPatchSampler(dataset, size=64, length=16, seed=0, max_nodata_fraction=0.0)
     left = dataset.bounds[0].start + 512  # metres: 1 m pixels
     for x, _ in sampler:
         assert x.start >= left
+
+
+@pytest.fixture(scope='module')
+def building_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-band building model trained for 2 steps by `geocmid train segment`."""
+    spacenet = SAMPLE_DATA / 'spacenet'
+    output = tmp_path_factory.mktemp('model') / 'run'
+    code = run([
+        'train', 'segment', '--rasters', spacenet / 'buildings.tif', '--labels',
+        spacenet / 'buildings.geojson', '-o', output, '--backbone', 'resnet18',
+        '--patch-size', '64', '--batch-size', '2', '--max-steps', '2', '--quiet',
+    ])  # fmt: skip
+    assert code == 0
+    return output
+
+
+def test_segment_a_remote_scene(http_server: Server, building_model: Path, tmp_path: Path) -> None:
+    """A scene read over HTTP segments exactly as the same file read from disk."""
+    with rasterio.open(SAMPLE_DATA / 'spacenet' / 'buildings.tif') as src:
+        window = Window(0, 0, 96, 96)
+        scene = write_geotiff(
+            http_server.root / 'remote_scene.tif', src.read(window=window), crs=src.crs,
+            transform=src.window_transform(window), nodata=src.nodata, tiled=True, blocksize=32,
+        )  # fmt: skip
+    outputs = {}
+    for name, source in (('local', scene), ('remote', f'{http_server.url}/remote_scene.tif')):
+        output = tmp_path / name / 'buildings.gpkg'
+        output.parent.mkdir()
+        code = run(['segment', source, '-o', output, '--model', building_model, '--raster',
+                    '--tile', '64', '--min-area', '1', '--quiet', '--stac'])  # fmt: skip
+        assert code == 0
+        outputs[name] = output.with_suffix('.tif')
+    with rasterio.open(outputs['local']) as local, rasterio.open(outputs['remote']) as remote:
+        assert (remote.crs, remote.transform, remote.shape) == (
+            local.crs,
+            local.transform,
+            local.shape,
+        )
+        np.testing.assert_array_equal(remote.read(), local.read())
+    # The STAC Item beside the outputs names the URL it was derived from.
+    item = pystac.Item.from_file(str(outputs['remote'].with_suffix('.json')))
+    (link,) = item.get_links('derived_from')
+    assert link.href == f'{http_server.url}/remote_scene.tif'
+    assert sorted(item.assets) == ['labels', 'polygons']
+    assert item.properties['proj:code'] == 'EPSG:32616'
+    assert 'resnet18' in item.properties['processing:lineage']
+
+
+def test_segment_to_s3(
+    s3: Any, building_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Outputs are written to the S3 server whole.
+
+    A missing bucket or an existing object fails before any work (exit 2, one line).
+    """
+    with rasterio.open(SAMPLE_DATA / 'spacenet' / 'buildings.tif') as src:
+        window = Window(0, 0, 64, 64)
+        scene = write_geotiff(
+            tmp_path / 'scene.tif', src.read(window=window), crs=src.crs,
+            transform=src.window_transform(window), nodata=src.nodata,
+        )  # fmt: skip
+    argv = ['segment', scene, '--model', building_model, '--raster', '--tile', '64', '--quiet',
+            '--stac', '-o']  # fmt: skip
+    assert run([*argv, 's3://scenes/maps/buildings.gpkg']) == 0
+    listed = s3.list_objects_v2(Bucket='scenes', Prefix='maps/')['Contents']
+    keys = sorted(entry['Key'] for entry in listed)
+    assert keys == ['maps/buildings.gpkg', 'maps/buildings.json', 'maps/buildings.tif',
+                    'maps/buildings.tif.aux.xml']  # fmt: skip
+    with open_raster('s3://scenes/maps/buildings.tif') as labels:
+        assert labels.shape == (64, 64)
+    capsys.readouterr()
+    assert run([*argv, 's3://scenes/maps/buildings.gpkg']) == 2
+    assert capsys.readouterr().err.strip() == (
+        'error: s3://scenes/maps/buildings.gpkg: already exists; add --overwrite to replace it'
+    )
+    assert run([*argv, 's3://scenes/maps/buildings.gpkg', '--overwrite']) == 0
+    assert run([*argv, 's3://no-such-bucket/buildings.gpkg']) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith('error: s3://no-such-bucket/buildings.gpkg: bucket does not exist')
+    )

@@ -33,6 +33,8 @@ BIN = Path(sys.executable).parent
 #: Six steps of one batch each: every step ends an epoch, so every checkpoint is at an epoch
 #: boundary, where the patch sampler restarts exactly (see docs/cluster.md).
 RUN_ARGS = ('--max-steps', '6', '--samples-per-epoch', '4', '--checkpoint-every', '2')
+#: Six steps in one epoch of six batches: every checkpoint but the last is taken mid-epoch.
+MID_EPOCH_ARGS = ('--max-steps', '6', '--samples-per-epoch', '24', '--checkpoint-every', '2')
 TIMEOUT = 120
 
 
@@ -77,27 +79,33 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes]) ->
         time.sleep(0.05)
 
 
-@pytest.fixture(scope='module')
-def reference(rasters: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    """Per-step losses of the uninterrupted run."""
-    run_dir = tmp_path_factory.mktemp('reference') / 'run'
-    subprocess.run(
-        command(rasters, run_dir, *RUN_ARGS), check=True, env=environment(), timeout=TIMEOUT
-    )
+def uninterrupted(rasters: Path, run_dir: Path, args: tuple[str, ...]) -> dict[int, float]:
+    """Per-step losses of an uninterrupted six-step run."""
+    subprocess.run(command(rasters, run_dir, *args), check=True, env=environment(), timeout=TIMEOUT)
     assert checkpoint_step(run_dir) == 6
     result = losses(run_dir, 0)
     assert sorted(result) == list(range(6))
     return result
 
 
+@pytest.fixture(scope='module')
+def reference(rasters: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Per-step losses of the uninterrupted run."""
+    return uninterrupted(rasters, tmp_path_factory.mktemp('reference') / 'run', RUN_ARGS)
+
+
 def resume_and_compare(
-    rasters: Path, run_dir: Path, reference: dict[int, float], saved_step: int
+    rasters: Path,
+    run_dir: Path,
+    reference: dict[int, float],
+    saved_step: int,
+    args: tuple[str, ...] = RUN_ARGS,
 ) -> None:
     """Resume to the final step: the losses continue those of the uninterrupted run."""
     killed = losses(run_dir, 0)
     assert killed == pytest.approx({step: reference[step] for step in killed}, rel=1e-6)
     subprocess.run(
-        command(rasters, run_dir, *RUN_ARGS, '--resume'),
+        command(rasters, run_dir, *args, '--resume'),
         check=True,
         env=environment(),
         timeout=TIMEOUT,
@@ -128,6 +136,25 @@ def test_sigkill_then_resume_continues_the_losses(
     assert 2 <= saved < 6
     assert not (run_dir / 'encoder.pt').exists()
     resume_and_compare(rasters, run_dir, reference, saved)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_continues_the_patches(rasters: Path, tmp_path: Path) -> None:
+    """A checkpoint taken mid-epoch resumes the epoch's patch sequence where it stood."""
+    expected = uninterrupted(rasters, tmp_path / 'reference', MID_EPOCH_ARGS)
+    run_dir = tmp_path / 'run'
+    last = run_dir / 'checkpoints' / 'last.ckpt'
+    process = subprocess.Popen(
+        command(rasters, run_dir, *MID_EPOCH_ARGS), env=environment(), stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(last.is_file, process)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(TIMEOUT)
+    saved = checkpoint_step(run_dir)
+    assert saved in (2, 4)  # every 2 steps, inside the one six-batch epoch
+    resume_and_compare(rasters, run_dir, expected, saved, MID_EPOCH_ARGS)
 
 
 @pytest.mark.slow
@@ -328,3 +355,38 @@ def test_fine_tuning_bad_cluster_options(
     assert fine_tune(scene, output, '--max-steps', '1', option, value) == 2
     assert option in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_fine_tuning_resumes_to_a_later_step(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """A run that stopped at step 3 continues from its checkpoint to step 6."""
+    output = tmp_path / 'run'
+    assert fine_tune(scene, output, '--max-steps', '3', '--seed', '1') == 0
+    assert fine_tune(scene, output, '--max-steps', '6', '--seed', '1', '--resume') == 0
+    assert checkpoint_step(output) == 6
+    logged = [
+        sorted({int(row['step']) for row in csv.DictReader(path.open())})
+        for path in sorted((output / 'logs').glob('version_*/metrics.csv'))
+    ]
+    assert logged[0][-1] == 3 and logged[1][0] > 3  # the second run goes on from step 3
+    assert (output / 'model.ckpt').is_file()
+
+
+@pytest.mark.parametrize(
+    'argv',
+    [
+        ['train', 'segment', '--rasters', 'r.tif', '--labels', 'l.gpkg'],
+        ['train', 'change', '--pairs', 'pairs.csv'],
+        ['train', 'classify', '--images', 'chips'],
+    ],
+    ids=['segment', 'change', 'classify'],
+)
+def test_train_resume_without_checkpoint(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from geocmid_cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, '-o', str(tmp_path / 'run'), '--resume', '--quiet'])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and 'last.ckpt' in error[0] and 'no checkpoint' in error[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import geopandas as gpd
@@ -62,7 +63,7 @@ def test_naip_dates_share_a_footprint_on_their_own_grids() -> None:
             footprints.append(box(*src.bounds))
             transforms.append(src.transform)
     assert len(set(transforms)) == len(transforms)  # each date keeps its own grid
-    for first, second in zip(footprints, footprints[1:]):
+    for first, second in pairwise(footprints):
         assert first.intersection(second).area / first.area > 0.9
 
 

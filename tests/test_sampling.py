@@ -108,6 +108,25 @@ def test_epochs_reseed_and_set_epoch_replays(tmp_path: Path) -> None:
     assert list(other_seed) != first
 
 
+@pytest.mark.parametrize('world_size', [1, 2])
+def test_resume_continues_an_epoch_part_way(tmp_path: Path, world_size: int) -> None:
+    dataset = GeoRasterDataset(raster_with_mask(tmp_path / 'a.tif', np.ones((100, 100), bool)))
+    for rank in range(world_size):
+        sampler = ValidPatchSampler(
+            dataset, size=16, length=12, seed=1, rank=rank, world_size=world_size
+        )
+        epochs = [list(sampler) for _ in range(3)]
+        resumed = ValidPatchSampler(
+            dataset, size=16, length=12, seed=1, rank=rank, world_size=world_size
+        )
+        resumed.resume(1, 4)
+        resumed.set_epoch(1)  # as Lightning does before iterating (a no-op here)
+        assert list(resumed) == epochs[1][4:]  # the rest of epoch 1, not its start
+        assert list(resumed) == epochs[2]  # later epochs in full
+        resumed.set_epoch(1)
+        assert list(resumed) == epochs[1]  # replaying the epoch skips nothing
+
+
 def test_patches_are_drawn_in_proportion_to_valid_area(tmp_path: Path) -> None:
     raster_with_mask(tmp_path / 'a.tif', np.ones((100, 100), bool))
     small = np.zeros((100, 100), bool)

@@ -303,11 +303,11 @@ def tenfold(device: torch.device) -> Callable[[int], int]:
 def test_run_jobs_reports_bad_inputs_by_name() -> None:
     jobs = {'a': 1, 'b': -1, 'c': 2}
     with pytest.raises(InputError, match='^b: negative$'):
-        run_jobs(jobs, tenfold, devices=['cpu'], progress=False)
+        run_jobs(jobs, tenfold, progress=False)
 
     failures: list[tuple[str, str]] = []
     results = run_jobs(
-        jobs, tenfold, devices=['cpu'], fail_fast=False, progress=False,
+        jobs, tenfold, fail_fast=False, progress=False,
         on_error=lambda name, error: failures.append((name, str(error))),
     )  # fmt: skip
 
@@ -337,7 +337,7 @@ def test_many_scenes_into_a_folder(spacenet_run: Path, tmp_path: Path) -> None:
     assert failures == ['nocrs']
     assert list(results) == ['tile', 'tile_2']
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith('.aux.xml')) == [
-        'tile.gpkg', 'tile.tif', 'tile_2.gpkg', 'tile_2.tif',
+        'run.parquet', 'tile.gpkg', 'tile.tif', 'tile_2.gpkg', 'tile_2.tif',
         'tile_2_probabilities.tif', 'tile_probabilities.tif',
     ]  # fmt: skip
     for name, scene in zip(results, scenes, strict=True):

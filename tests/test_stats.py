@@ -29,7 +29,7 @@ def test_stats_dir_overrides_the_data_folder(
     data = tmp_path / 'data'
     two_rasters(data)
     monkeypatch.setenv('GEOCMID_STATS_DIR', str(tmp_path / 'stats'))
-    GeoRasterDataset(data).stats
+    _ = GeoRasterDataset(data).stats
     assert not (data / SIDECAR_NAME).exists()
     assert len(list((tmp_path / 'stats').glob('*.stats.json'))) == 1
 
@@ -137,9 +137,9 @@ def test_sidecar_is_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.M
         np.testing.assert_array_equal(cached.mean, first.mean)
         np.testing.assert_array_equal(cached.count, first.count)
         with pytest.raises(AssertionError, match='recomputed'):
-            GeoRasterDataset(tmp_path, bands=[1]).stats  # another band selection: another key
+            _ = GeoRasterDataset(tmp_path, bands=[1]).stats  # another band selection: another key
         with pytest.raises(AssertionError, match='recomputed'):
-            GeoRasterDataset(tmp_path, nodata=1).stats  # another nodata: another key
+            _ = GeoRasterDataset(tmp_path, nodata=1).stats  # another nodata: another key
 
     # Rewriting a file changes its size or modification time: the entry no longer applies.
     b[:] = 5000
@@ -174,8 +174,8 @@ def test_read_only_data_caches_in_the_user_cache(
         return Path(path) != data and real_access(path, mode)
 
     monkeypatch.setattr(os, 'access', access)
-    GeoRasterDataset(data).stats
+    _ = GeoRasterDataset(data).stats
     assert not (data / SIDECAR_NAME).exists()
     assert len(list((tmp_path / 'cache' / 'geocmid' / 'stats').glob('*.stats.json'))) == 1
     forbid_computing(monkeypatch)
-    GeoRasterDataset(data).stats
+    _ = GeoRasterDataset(data).stats

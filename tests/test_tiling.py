@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def test_window_starts_cover_exactly(length: int, tile: int, data: st.DataObject
     size = min(tile, length)
     assert starts[0] == 0
     assert starts[-1] + size == length  # ends on the edge, never hangs over
-    assert all(0 < b - a <= stride for a, b in zip(starts, starts[1:]))
+    assert all(0 < b - a <= stride for a, b in pairwise(starts))
     covered = np.zeros(length, dtype=bool)
     for s in starts:
         covered[s : s + size] = True
@@ -121,7 +122,7 @@ def test_weights_positive_on_every_pixel(
 
 def test_crop_centre_cores_split_the_overlap_in_the_middle() -> None:
     weights = [axis_weights((0, 24, 36), k, 32, 8, 'none') for k in range(3)]
-    owned = [np.flatnonzero(w) + s for w, s in zip(weights, (0, 24, 36))]
+    owned = [np.flatnonzero(w) + s for w, s in zip(weights, (0, 24, 36), strict=True)]
     assert (owned[0][0], owned[0][-1]) == (0, 27)  # 32 - 8 / 2 = 28 rows for the first
     assert (owned[1][0], owned[1][-1]) == (28, 45)  # middle of the larger, shifted overlap
     assert (owned[2][0], owned[2][-1]) == (46, 67)
@@ -145,7 +146,7 @@ def test_strips_partition_columns_with_every_touching_window(
     grid = TileGrid(10, width, tile, data.draw(st.integers(0, tile - 1)))
     strips = grid.strips(max_width)
     assert strips[0].start == 0 and strips[-1].stop == width
-    assert all(a.stop == b.start for a, b in zip(strips, strips[1:]))
+    assert all(a.stop == b.start for a, b in pairwise(strips))
     size = grid.window_width
     for strip in strips:
         touching = [

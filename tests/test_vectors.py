@@ -52,7 +52,7 @@ def test_polygons_attributes_and_geopackage(
     gpkg = tmp_path / 'out.gpkg'
     frame = polygonize(labels, gpkg, layer='segments')
     expected = [(1, 16.0), (1, 400.0), (2, 120.0), (2, 400.0)]
-    assert sorted(zip(frame.class_id, frame.area_m2)) == expected
+    assert sorted(zip(frame.class_id, frame.area_m2, strict=True)) == expected
     assert set(frame.class_name) == {'building', 'tree'}
     assert frame.geometry.is_valid.all() and (frame.geom_type == 'Polygon').all()
     assert frame.mean_score.isna().all()  # no probability raster given

@@ -28,7 +28,12 @@ from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets.utils import Sample
 
 from geocmid.datamodules.sharding import PerRankAugmentation, sharded_loader
-from geocmid.datasets.change_patches import ChangePatches, label_regions, split_regions
+from geocmid.datasets.change_patches import (
+    ChangePatches,
+    PairRegion,
+    label_regions,
+    split_regions,
+)
 from geocmid.datasets.pairs import PairRecord, align_pair, pair_statistics, read_pairs
 from geocmid.errors import InputError
 from geocmid.raster.stats import BandStats
@@ -92,9 +97,9 @@ class ChangeDataModule(PerRankAugmentation, NonGeoDataModule):
         self.band_indexes = tuple(range(1, count + 1)) if bands is None else tuple(bands)
         if not self.band_indexes or not all(1 <= b <= count for b in self.band_indexes):
             raise InputError('--bands', f'{list(self.band_indexes)} not in 1..{count}')
-        if val_fraction == 0:
-            self.train_regions, self.val_regions = self.regions, []
-        else:
+        self.train_regions: list[PairRegion] = self.regions
+        self.val_regions: list[PairRegion] = []
+        if val_fraction != 0:
             self.train_regions, self.val_regions = split_regions(self.regions, val_fraction, seed)
         self.given_mean, self.given_std = mean, std
         self.patch_size = patch_size

@@ -92,11 +92,13 @@ class GeRSPDataModule(PretrainDataModule):
         rank = self.trainer.global_rank if self.trainer else 0
         self.natural_sampler = RandomSampler(
             self.natural,
+            # Sampler declares no __len__; every sampler the parent's setup() picks is sized.
             num_samples=len(self.sampler),  # type: ignore[arg-type]
             generator=torch.Generator().manual_seed(self.seed + rank),
         )
 
-    def train_dataloader(self) -> CombinedLoader:
+    # Lightning takes any loader here; the parent's is a plain DataLoader, this one zips two.
+    def train_dataloader(self) -> CombinedLoader:  # type: ignore[override]
         """Patch batches and natural-image batches of the same size, step by step."""
         natural = DataLoader(
             self.natural,
@@ -110,12 +112,12 @@ class GeRSPDataModule(PretrainDataModule):
         loaders = {'patches': super().train_dataloader(), 'natural': natural}
         return CombinedLoader(loaders, mode='min_size')
 
-    def on_after_batch_transfer(self, batch: dict[str, Sample], dataloader_idx: int) -> Sample:
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> Sample:
         """Normalise both sources on the device and merge them into one batch dict.
 
         Args:
-            batch: ``patches`` (see the parent class) and ``natural`` (``image`` in 8-bit units,
-                ``label``).
+            batch: Two samples: ``patches`` (see the parent class) and ``natural`` (``image`` in
+                8-bit units, ``label``).
             dataloader_idx: Index of the data loader.
 
         Returns:

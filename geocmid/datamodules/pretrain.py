@@ -87,6 +87,8 @@ class PretrainDataModule(BaseDataModule):
             rebuilt on the device (see :attr:`GeoRasterDataset.sentinel`); None for chips.
     """
 
+    dataset: GeoRasterDataset | ChipFolder  # set by __init__, whichever the source
+
     def __init__(
         self,
         *,
@@ -130,14 +132,17 @@ class PretrainDataModule(BaseDataModule):
             raise InputError('--samples-per-epoch', f'must be positive, got {samples_per_epoch}')
         self.patch_size = patch_size
         self.seed = seed
-        self.source = 'rasters' if rasters is not None else 'images'
-        self.root = os.fspath(rasters if rasters is not None else images)  # type: ignore[arg-type]
         self.sampler: Sampler[Any] | None = None
         self.sentinel: float | None = None
+        #: (epoch, batches trained on) of the checkpoint resumed from, until the loader is built.
+        self._resume_at: tuple[int, int] | None = None
+        self.crs: str | None = None
         if rasters is not None:
+            self.source, self.root = 'rasters', os.fspath(rasters)
             self._open_rasters(rasters, bands, samples_per_epoch, max_nodata_fraction, nodata)
-        else:
-            self._open_chips(images, bands, samples_per_epoch)  # type: ignore[arg-type]
+        elif images is not None:
+            self.source, self.root = 'images', os.fspath(images)
+            self._open_chips(images, bands, samples_per_epoch)
 
     @property
     def in_channels(self) -> int:
@@ -230,7 +235,7 @@ class PretrainDataModule(BaseDataModule):
                 'max_nodata_fraction': self.dataset.max_nodata_fraction,
             }
         else:
-            summary['files'] = len(self.dataset)  # type: ignore[arg-type]
+            summary['files'] = len(self.dataset)
         return summary
 
     def setup(self, stage: str) -> None:
@@ -262,10 +267,41 @@ class PretrainDataModule(BaseDataModule):
                 num_samples=self.samples_per_epoch,
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the raster patch sequence stands, saved by Lightning in every checkpoint.
+
+        Lightning restores a data loader's position only for loaders with a ``state_dict``
+        (torchdata's ``StatefulDataLoader``), which torch's ``DataLoader`` lacks; without this a
+        run resumed from a checkpoint taken mid-epoch would restart that epoch's patches.
+
+        Returns:
+            ``{'epoch': E, 'batches': k}``: ``k`` batches of epoch ``E`` are trained on (an
+            epoch that is over counts as the next one, none trained on); empty for chips.
+        """
+        trainer = self.trainer
+        if trainer is None or not isinstance(self.sampler, ValidPatchSampler):
+            return {}
+        loop = trainer.fit_loop
+        epoch = loop.epoch_progress.current.completed
+        batches = loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:
+            epoch, batches = epoch + 1, 0
+        return {'epoch': epoch, 'batches': batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the saved epoch after its saved batches (see :meth:`state_dict`)."""
+        if 'epoch' in state_dict:
+            self._resume_at = (int(state_dict['epoch']), int(state_dict['batches']))
+
     def train_dataloader(self) -> DataLoader[Sample]:
         """Batches of patches; incomplete last batches are dropped (as the official code)."""
+        if self._resume_at is not None and isinstance(self.sampler, ValidPatchSampler):
+            # Every rank skips its own share of the batches trained on (same count per rank).
+            epoch, batches = self._resume_at
+            self.sampler.resume(epoch, batches * self.batch_size)
+            self._resume_at = None
         return DataLoader(
-            self.dataset,  # type: ignore[arg-type]
+            self.dataset,
             batch_size=self.batch_size,
             sampler=self.sampler,
             num_workers=self.num_workers,

@@ -103,6 +103,7 @@ class SegmentationDataModule(PerRankAugmentation, GeoDataModule):
             length=length,
             num_workers=num_workers,
         )
+        self.patch_size: int = patch_size  # square patches only (torchgeo also takes (h, w))
         if not 0 <= val_fraction < 1:
             raise InputError('val_fraction', f'must be in [0, 1), got {val_fraction}')
         self.images = GeoRasterDataset(
@@ -111,7 +112,7 @@ class SegmentationDataModule(PerRankAugmentation, GeoDataModule):
         opened = open_labels(
             labels, self.images.crs, label_field=label_field, class_names=class_names
         )
-        self.dataset = LabelledDataset(self.images, opened)
+        self.dataset: LabelledDataset = LabelledDataset(self.images, opened)
         self.given_mean, self.given_std = mean, std
         self.seed = seed
         self.val_fraction = val_fraction
@@ -161,7 +162,8 @@ class SegmentationDataModule(PerRankAugmentation, GeoDataModule):
             grid = GriddedPatchSampler(
                 self.dataset, size=self.patch_size, stride=self.patch_size, roi=self.val_roi
             )
-            self.val_sampler = ShardedSampler(grid, rank, world_size)
+            # torchgeo types val_sampler as a GeoSampler; its loader takes any Sampler.
+            self.val_sampler = ShardedSampler(grid, rank, world_size)  # type: ignore[assignment]
 
     def on_after_batch_transfer(self, batch: Sample, dataloader_idx: int) -> Sample:
         """Fill nodata with the band mean, then normalise (and augment when training).

@@ -42,6 +42,7 @@ def sharded_loader(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=run_seed()
         )
     else:
+        # torch's Dataset declares no __len__; the map-style ones here all have one.
         sampler = ShardedSampler(len(dataset), rank, world_size)  # type: ignore[arg-type]
     return DataLoader(
         dataset,
@@ -74,4 +75,5 @@ class PerRankAugmentation:
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment (TorchGeo's ``aug``/``train_aug``) inside this rank's stream."""
         with self.streams(batch['image'].device):
+            # A mixin: the data module class after it in the MRO defines the hook.
             return super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]

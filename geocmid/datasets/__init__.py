@@ -1,1 +1,1 @@
-"""datasets"""
+"""Datasets: GeoRasterDataset, labels, pairs, change patches and chips."""

@@ -17,7 +17,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 from rasterio.windows import Window
-from torch.utils.data import Dataset
+from torchgeo.datasets import NonGeoDataset
 
 from geocmid.datasets.labels import IGNORE_INDEX
 from geocmid.datasets.pairs import PairRecord, align_pair, is_georeferenced, open_image
@@ -168,9 +168,9 @@ def split_regions(
         region = regions[0]
         kept = max(1, min(region.height - 1, round(region.height * (1 - val_fraction))))
         cut = region.rows[0] + kept
-        train = dataclasses.replace(region, rows=(region.rows[0], cut))
-        val = dataclasses.replace(region, rows=(cut, region.rows[1]))
-        return [train], [val]
+        top = dataclasses.replace(region, rows=(region.rows[0], cut))
+        bottom = dataclasses.replace(region, rows=(cut, region.rows[1]))
+        return [top], [bottom]
     count = min(len(regions) - 1, max(1, round(val_fraction * len(regions))))
     held_out = set(np.random.default_rng(seed).permutation(len(regions))[:count].tolist())
     train = [r for i, r in enumerate(regions) if i not in held_out]
@@ -178,7 +178,7 @@ def split_regions(
     return train, val
 
 
-class ChangePatches(Dataset[dict[str, torch.Tensor]]):
+class ChangePatches(NonGeoDataset):
     """Square patches of labelled pairs, for training (random) or validation (a grid).
 
     Each sample holds ``image``, float32 (2, C, P, P): the before and after patches in raw

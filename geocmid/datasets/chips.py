@@ -34,6 +34,9 @@ from geocmid.raster.stats import BandStats
 #: Image file suffixes that are read (compared case-insensitively).
 IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.png', '.tif', '.tiff')
 
+#: Chip side in pixels when no model card fixes a patch size (random encoders, new runs).
+DEFAULT_SIZE = 224
+
 #: Suffixes read through rasterio, so TIFFs with any band count and dtype keep all bands.
 TIFF_SUFFIXES = ('.tif', '.tiff')
 
@@ -357,7 +360,7 @@ def chip_statistics(dataset: Dataset[Sample], max_chips: int = 256, seed: int = 
         the statistics (``mean``, ``std``, ``minimum``, ``maximum`` per band); ``exact`` is
         True when every image was read.
     """
-    count = len(dataset)  # type: ignore[arg-type]
+    count = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
     if count == 0 or max_chips < 1:
         raise ValueError(f'nothing to sample: {count} images, max_chips={max_chips}')
     chosen = np.random.default_rng(seed).permutation(count)[:max_chips]

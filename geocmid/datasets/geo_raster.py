@@ -463,8 +463,11 @@ class GeoRasterDataset(GeoDataset):
 
     @property
     def band_names(self) -> tuple[str, ...]:
-        """Names of the selected bands: the first file's descriptions, else its colour
-        interpretation ('red', 'green', 'blue'), else 'band_<index>'."""
+        """Names of the selected bands.
+
+        The first file's descriptions, else its colour interpretation ('red', 'green', 'blue'),
+        else 'band_<index>'.
+        """
         first = self.sources[0]
         colours = first.colours or (None,) * len(first.indexes)
         return tuple(
@@ -583,9 +586,11 @@ class GeoRasterDataset(GeoDataset):
         return rule.valid(reader, self.sources[i].indexes, window)
 
     def read_valid_coarse(self, i: int, shape: tuple[int, int]) -> np.ndarray:
-        """(rows, cols) bool validity of file ``i`` read at a coarse ``shape`` over its whole
-        placement: one decimated read, which GDAL serves from the nearest overview (or the
-        internal mask's overview) when there is one, else by reading one pixel per cell.
+        """(rows, cols) bool validity of file ``i`` read at a coarse ``shape``.
+
+        Covers its whole placement in one decimated read, which GDAL serves from the nearest
+        overview (or the internal mask's overview) when there is one, else by reading one pixel
+        per cell.
 
         Used for remote files, whose full validity would mean downloading them whole.
         """
@@ -661,8 +666,10 @@ class GeoRasterDataset(GeoDataset):
         return self._handles(i)[1]
 
     def _handles(self, i: int) -> tuple[DatasetReader, DatasetReader | WarpedVRT, ValidityRule]:
-        """File ``i`` opened in this process, its view on the dataset grid and the validity
-        rule of that view (LRU cache)."""
+        """File ``i`` opened in this process (LRU cache).
+
+        Returns the file, its view on the dataset grid and the validity rule of that view.
+        """
         if self._pid != os.getpid():
             # A forked worker inherited the parent's GDAL handles: never share them.
             self._readers = OrderedDict()
@@ -755,7 +762,9 @@ def _paste(data: np.ndarray, valid: np.ndarray, part: np.ndarray, part_valid: np
 def _extent(source: RasterSource) -> tuple[float, float, float, float]:
     """(left, bottom, right, top) of a raster in its own CRS, rotated grids included."""
     t, width, height = source.transform, source.width, source.height
-    xs, ys = zip(*(t @ corner for corner in [(0, 0), (width, 0), (0, height), (width, height)]))
+    xs, ys = zip(
+        *(t @ corner for corner in [(0, 0), (width, 0), (0, height), (width, height)]), strict=True
+    )
     return min(xs), min(ys), max(xs), max(ys)
 
 

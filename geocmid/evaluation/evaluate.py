@@ -3,7 +3,7 @@
 Both protocols share one path: the encoder (``encoder.pt`` with its card, a run folder, or
 ``random:<backbone>`` for the random-initialisation baseline) maps every chip, resized to the
 card's patch size and normalised as the card says, to its global-average-pooled features
-(:mod:`geocmid.evaluation.features`); the features of the training chips then classify the
+(:mod:`geocmid.inference.features`); the features of the training chips then classify the
 test chips, by DINO's weighted k-NN (:mod:`geocmid.evaluation.knn`) or by a logistic-regression
 probe (:mod:`geocmid.evaluation.linear`). This module runs a protocol and reports its accuracy.
 """
@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,11 +23,12 @@ import torch
 from torch import Tensor
 
 from geocmid.datamodules.classification import chip_normalisation, labelled_chips
+from geocmid.datasets.chips import DEFAULT_SIZE
 from geocmid.errors import InputError
-from geocmid.evaluation.features import DEFAULT_SIZE, extract_features
 from geocmid.evaluation.knn import KNN_K, KNN_TEMPERATURE, knn_predict
 from geocmid.evaluation.linear import LINEAR_L2, fit_linear_probe
 from geocmid.inference.encoders import global_average_pooled, seeded_encoder
+from geocmid.inference.features import extract_features
 from geocmid.io.atomic import atomic_output
 from geocmid.models.weights import RANDOM_PREFIX
 from geocmid.types import PathLike
@@ -140,17 +142,17 @@ def evaluate(
     """
     if protocol not in ('knn', 'linear'):
         raise InputError('protocol', f"must be 'knn' or 'linear', got {protocol!r}")
-    chosen = {'train': train, 'test': test, 'split': split, 'seed': seed}
+    chosen = partial(labelled_chips, train=train, test=test, split=split, seed=seed)
     if os.fspath(encoder).startswith(RANDOM_PREFIX) and not bands:
         # No card names a random encoder's bands: feed all bands of the images, which must
         # agree (labelled_chips names two images whose band counts differ).
-        chips = labelled_chips(images, **chosen, size=size or DEFAULT_SIZE, bands=None)
+        chips = chosen(images, size=size or DEFAULT_SIZE, bands=None)
         model, card = seeded_encoder(encoder, range(1, chips.in_channels + 1), seed)
         size = size or DEFAULT_SIZE
     else:
         model, card = seeded_encoder(encoder, bands, seed)
         size = size or card.patch_size or DEFAULT_SIZE
-        chips = labelled_chips(images, **chosen, size=size, bands=bands)
+        chips = chosen(images, size=size, bands=bands)
     if chips.in_channels != card.in_chans:
         raise InputError(
             images or train,
@@ -160,9 +162,9 @@ def evaluate(
     mean, std, normalisation = chip_normalisation(chips, card.mean, card.std, seed)
 
     model = global_average_pooled(model)
-    options = {'batch_size': batch_size, 'workers': workers, 'device': device}
-    train_features = extract_features(model, chips.train, mean, std, **options)
-    test_features = extract_features(model, chips.test, mean, std, **options)
+    features = partial(extract_features, batch_size=batch_size, workers=workers, device=device)
+    train_features = features(model, chips.train, mean, std)
+    test_features = features(model, chips.test, mean, std)
     num_classes = len(chips.classes)
     if protocol == 'knn':
         predictions = knn_predict(

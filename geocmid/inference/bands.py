@@ -38,7 +38,7 @@ def model_bands(
             raise InputError('--bands', f'{len(selected)} band(s) selected but {takes}')
         return selected
     indices = tuple(card.band_indices)
-    if indices == tuple(range(1, card.in_chans + 1)):  # trained on all bands
+    if indices == tuple(range(1, len(indices) + 1)):  # trained on all bands
         if count != card.in_chans:
             raise InputError(scene, f'has {count} band(s) but {takes}; pick them with --bands')
     elif max(indices) > count:

@@ -17,4 +17,4 @@ def check_method(method: str) -> ChangeMethod:
     """``method`` if it is a label-free method, else an InputError naming ``--method``."""
     if method not in CHANGE_METHODS:
         raise InputError('--method', f'unknown method {method!r} (use one of {CHANGE_METHODS})')
-    return method  # type: ignore[return-value]
+    return method

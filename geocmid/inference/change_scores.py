@@ -224,7 +224,8 @@ class LabelFreeScore(nn.Module):
             'before_std', before
         )
         after = (after - self._date_stat('after_mean', after)) / self._date_stat('after_std', after)
-        stages = self.encoder.forward_intermediates(
+        # nn.Module types attributes as Tensor | Module; timm encoders define this method.
+        stages = self.encoder.forward_intermediates(  # type: ignore[operator]
             torch.cat([before, after]), intermediates_only=True
         )
         used = [stages[i] for i in FEATURE_STAGES if -len(stages) <= i < len(stages)]

@@ -12,8 +12,8 @@ A dense product (segmentation, change detection) says only what is its own:
 This module does the rest, once for all of them: the device and tile, provenance tags, the
 streaming engine (:func:`~geocmid.inference.engine.predict_scene`), the COG writer
 (:class:`~geocmid.io.cog.PredictionWriter`), the Otsu pass, polygons
-(:func:`~geocmid.io.vectors.polygonize`), and many inputs on one device or spread over
-several (:func:`~geocmid.inference.jobs.run_jobs`).
+(:func:`~geocmid.io.vectors.polygonize`), and many inputs in this process or on the workers of
+a Dask cluster (:func:`~geocmid.inference.jobs.run_jobs`), with a run table.
 """
 
 from __future__ import annotations
@@ -30,10 +30,13 @@ import torch
 from torch import nn
 
 from geocmid.errors import InputError
+from geocmid.inference.cluster import Placement
 from geocmid.inference.devices import resolve_device
 from geocmid.inference.engine import InferenceStats, WindowSource, predict_scene
 from geocmid.inference.jobs import ErrorHandler, SkipHandler, run_jobs
+from geocmid.inference.manifest import take_shard
 from geocmid.inference.outputs import check_item_outputs, check_resume, provenance_tags
+from geocmid.inference.runtable import RunTable
 from geocmid.inference.spool import ScoreSpool, Threshold
 from geocmid.inference.tiling import Blend
 from geocmid.inference.tta import with_tta
@@ -311,7 +314,9 @@ def predict_many[I, M: DenseModel, R](
     model: M,
     outputs: Callable[[str], DenseOutputs],
     *,
-    workers: Sequence[str] = ('cpu',),
+    placement: Placement | None = None,
+    shard: tuple[int, int] | None = None,
+    run_table: PathLike | None = None,
     fail_fast: bool = True,
     on_error: ErrorHandler | None = None,
     on_skip: SkipHandler | None = None,
@@ -320,7 +325,7 @@ def predict_many[I, M: DenseModel, R](
     skip_existing: bool = False,
     **settings: Any,
 ) -> dict[str, R]:
-    """Predict many inputs, each into its own outputs, on one device or spread over several.
+    """Predict many inputs, each into its own outputs, in this process or on a Dask cluster.
 
     Every input and its outputs are checked before the first input runs.
 
@@ -329,10 +334,12 @@ def predict_many[I, M: DenseModel, R](
         items: the inputs by name.
         model: the model, loaded.
         outputs: the outputs of an input, by its name.
-        workers: the device of each worker (:func:`~geocmid.inference.devices.worker_devices`,
-            checked before anything is read or written): one, the inputs run here, one after
-            the other; several, one worker process each, loading the model once from its
-            files (:meth:`DenseModel.loader`).
+        placement: where the inputs run (:func:`~geocmid.inference.cluster.placement`): in
+            this process, one after the other, with ``model``; or on a cluster's workers, each
+            loading the model once from its files (:meth:`DenseModel.loader`). None: here.
+        shard: ``(I, N)``: only the inputs ``I``, ``I + N``, ``I + 2N``... (an array job's
+            share; :func:`~geocmid.inference.manifest.take_shard`).
+        run_table: the run table to write (:mod:`~geocmid.inference.runtable`); None: none.
         fail_fast: stop at the first bad input; otherwise report it through ``on_error`` and
             go on with the others.
         on_error: called with an input's name and its error when ``fail_fast`` is False.
@@ -352,7 +359,15 @@ def predict_many[I, M: DenseModel, R](
             input.
     """
     check_resume(overwrite, skip_existing)
+    if shard is not None:
+        items = take_shard(items, shard)
     every_input = [path for item in items.values() for path in product.inputs(item)]
+    table = None
+    if run_table is not None:
+        table = RunTable(
+            run_table, {name: product.inputs(item) for name, item in items.items()},
+            {name: outputs(name).paths for name in items},
+        )  # fmt: skip
     jobs: dict[str, DenseJob[I]] = {}
     skipped: list[str] = []
     for name, item in items.items():
@@ -368,21 +383,26 @@ def predict_many[I, M: DenseModel, R](
         except InputError as exc:
             error = product.named(item, exc)
             if fail_fast or on_error is None:
-                raise error from None
+                raise error from None  # nothing ran: no run table
+            if table is not None:
+                table.failed(name, str(error))
             on_error(name, error)
             continue
         jobs[name] = job
     # Resuming replaces the leftovers of the inputs that run again.
     options = {**settings, 'overwrite': overwrite or skip_existing}
-    if len(workers) == 1:
-        # One device: the model loaded here runs here, the inputs one after the other.
+    if placement is None or placement.client is None:
+        # In this process: the model loaded here runs here, the inputs one after the other.
         runner = partial(_runner, product, lambda: model, options)
     else:
-        # Several: each worker process loads the model once from its files.
+        # On a cluster: each worker process loads the model once from its files. Every output
+        # was checked above, so a job run again after its worker died replaces what the dead
+        # attempt renamed into place.
+        options['overwrite'] = True
         runner = partial(_runner, product, model.loader(), options)
     return run_jobs(
-        jobs, runner, devices=workers, fail_fast=fail_fast, on_error=on_error, skipped=skipped,
-        on_skip=on_skip, progress=progress, unit=product.unit,
+        jobs, runner, placement=placement, fail_fast=fail_fast, on_error=on_error,
+        skipped=skipped, on_skip=on_skip, progress=progress, unit=product.unit, table=table,
     )  # fmt: skip
 
 

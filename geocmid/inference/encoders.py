@@ -24,7 +24,7 @@ def global_average_pooled(encoder: nn.Module) -> nn.Module:
     timm pools differently per architecture (ViTs take the class token); the protocols are
     defined on the average-pooled feature map, so the pooling is set explicitly.
     """
-    encoder.reset_classifier(0, 'avg')  # type: ignore[operator]
+    encoder.reset_classifier(0, 'avg')  # type: ignore[operator]  # timm method, untyped on nn.Module
     return encoder
 
 

@@ -1,26 +1,33 @@
-"""Running one inference job per input: many inputs at once, on one device or several.
+"""Running one inference job per input: in this process, or on the workers of a Dask cluster.
 
-Many inputs run one after the other in this process on one device, or, given several devices,
-in one worker process per device. Each worker is pinned to its device for its whole life and
-builds its runner (loads the model) once; inputs go to whichever worker is free next, so a
-large scene does not hold back the others queued behind it on a round-robin schedule. A bad
-input is reported by name and, unless ``fail_fast``, the other inputs still run. Inputs already
-done by an earlier run (``--skip-existing``) are reported as skipped and count as progress.
+In this process the inputs run one after the other. On a cluster (:mod:`.cluster`) Dask gives
+each input to the next free worker; each worker builds its runner (loads the model) once, on
+its first job, and keeps it for the jobs that follow. When a worker dies, Dask runs its input
+again on another worker (up to the scheduler's ``allowed-failures``); outputs are written
+atomically, so a killed attempt leaves none half-written. A bad input is reported by name and,
+unless ``fail_fast``, the other inputs still run. Every input ends as a row of the run table
+(:mod:`.runtable`): done, skipped or failed, with the seconds it took and the worker it ran on.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from geocmid.errors import InputError
+from geocmid.inference.cluster import DEVICE_VARIABLE, THREADS_VARIABLE, Placement
 from geocmid.inference.devices import resolve_device
+from geocmid.inference.runtable import RunTable
 from geocmid.progress import progress_bar
 
-#: Builds the function that runs one job, on the device given (called once per process).
+#: Builds the function that runs one job, on the device given (once per process).
 type RunnerFactory[J, R] = Callable[[torch.device], Callable[[J], R]]
 
 #: Called with the input's name and its error when a job fails and ``fail_fast`` is off.
@@ -29,32 +36,48 @@ type ErrorHandler = Callable[[str, InputError], None]
 #: Called with the name of each input skipped because its outputs are complete already.
 type SkipHandler = Callable[[str], None]
 
-# The runner of a worker process, built by _start_worker, or why it could not be built.
-_runner: Callable[[object], object] | None = None
-_failure: Exception | None = None
+
+@dataclass(frozen=True)
+class Outcome[R]:
+    """What one job gave: its result or the error of its input, how long and where it ran."""
+
+    result: R | None
+    error: InputError | None
+    seconds: float
+    worker: str
+
+
+class WorkerLost(RuntimeError):
+    """Inputs whose workers kept dying while running them (internal error, exit 1)."""
+
+
+# The runners built in this (worker) process, by run; one run's at a time.
+_runners: dict[str, Callable[[object], object]] = {}
+_runners_lock = threading.Lock()
 
 
 def run_jobs[J, R](
     jobs: Mapping[str, J],
     runner: RunnerFactory[J, R],
     *,
-    devices: Sequence[torch.device | str] = ('auto',),
+    placement: Placement | None = None,
     fail_fast: bool = True,
     on_error: ErrorHandler | None = None,
     skipped: Sequence[str] = (),
     on_skip: SkipHandler | None = None,
     progress: bool = True,
     unit: str = 'scene',
+    table: RunTable | None = None,
 ) -> dict[str, R]:
-    """Run one job per input, in this process or spread over worker processes.
+    """Run one job per input, in this process or on the workers of a Dask cluster.
 
     Args:
         jobs: the job of each input, by the input's name.
-        runner: builds the job function for a device. With more than one device it is called
-            in each worker process, so it must be picklable (a module-level function or a
-            :func:`functools.partial` of one) and so must the jobs and their results.
-        devices: one device: jobs run here, in order; several: one worker process per entry
-            (the same device may be listed twice, e.g. two CPU workers).
+        runner: builds the job function for a device. On a cluster it is called once in each
+            worker process, so it must be picklable (a module-level function or a
+            :func:`functools.partial` of one), and so must the jobs and their results.
+        placement: where the jobs run (:func:`~geocmid.inference.cluster.placement`); None:
+            here, on the default device.
         fail_fast: stop at the first bad input; otherwise report it to ``on_error`` and go on.
         on_error: called with the input's name and its error when ``fail_fast`` is False.
         skipped: inputs left out because their outputs are complete already; they are reported
@@ -62,6 +85,7 @@ def run_jobs[J, R](
         on_skip: called with the name of each skipped input, before any job runs.
         progress: show a progress bar over the inputs.
         unit: what an input is, for the progress bar.
+        table: the run table, filled as the jobs finish and written when they end, however.
 
     Returns:
         The result of each job that succeeded, by name, in the order of ``jobs``.
@@ -69,91 +93,112 @@ def run_jobs[J, R](
     Raises:
         InputError: with ``fail_fast`` (or without ``on_error``), the first bad input; an
             error that names no input is attributed to the job's name.
+        WorkerLost: inputs whose workers died more often than the scheduler allows.
     """
-    if not devices:
-        raise InputError('--devices', 'no device given')
+    placement = placement or Placement(None)
     results: dict[str, R] = {}
+    lost: list[str] = []
 
-    def failed(name: str, exc: InputError) -> None:
+    def finish(name: str, outcome: Outcome[R]) -> None:
+        if outcome.error is None:
+            results[name] = outcome.result  # type: ignore[assignment]
+            if table is not None:
+                table.done(name, outcome.seconds, outcome.worker)
+            return
+        exc = outcome.error
         error = exc if exc.source is not None else InputError(name, exc.problem)
+        if table is not None:
+            table.failed(name, str(error), outcome.seconds, outcome.worker)
         if fail_fast or on_error is None:
             raise error from None
         on_error(name, error)
 
     for name in skipped:
+        if table is not None:
+            table.skipped(name)
         if on_skip is not None:
             on_skip(name)
     bar = progress_bar(
         total=len(jobs) + len(skipped), initial=len(skipped), unit=unit, desc=f'{unit}s',
         disable=not progress, postfix={'skipped': len(skipped)} if skipped else None,
     )  # fmt: skip
-    with bar:
-        if len(devices) == 1:
-            run = runner(resolve_device(devices[0]))
-            for name, job in jobs.items():
-                try:
-                    results[name] = run(job)
-                except InputError as exc:
-                    failed(name, exc)
-                bar.update()
-        else:
-            for name, outcome in _run_on_workers(jobs, runner, devices):
-                if isinstance(outcome, InputError):
-                    failed(name, outcome)
-                else:
-                    results[name] = outcome
-                bar.update()
+    try:
+        with bar:
+            if placement.client is None:
+                run = runner(resolve_device(placement.device))
+                where = f'{socket.gethostname()}:{os.getpid()}'
+                for name, job in jobs.items():
+                    finish(name, _timed(run, job, where))
+                    bar.update()
+            else:
+                for name, outcome in _on_cluster(jobs, runner, placement):
+                    if isinstance(outcome, Outcome):
+                        finish(name, outcome)
+                    else:
+                        lost.append(name)
+                        if table is not None:
+                            table.failed(name, outcome)
+                    bar.update()
+    finally:
+        if table is not None:
+            table.write()
+    if lost:
+        raise WorkerLost(f'{len(lost)} {unit}(s) lost with their workers: {", ".join(lost)}')
     return {name: results[name] for name in jobs if name in results}
 
 
-def _run_on_workers[J, R](
-    jobs: Mapping[str, J], runner: RunnerFactory[J, R], devices: Sequence[torch.device | str]
-) -> Iterator[tuple[str, R | InputError]]:
-    """Yield ``(name, result or InputError)`` as the workers finish the jobs.
+def _timed[J, R](run: Callable[[J], R], job: J, worker: str) -> Outcome[R]:
+    """Run a job; the error of a bad input is an outcome too, not an exception."""
+    start = time.perf_counter()
+    try:
+        result, error = run(job), None
+    except InputError as exc:
+        result, error = None, exc
+    return Outcome(result, error, time.perf_counter() - start, worker)
+
+
+def _on_cluster[J, R](jobs: Mapping[str, J], runner: RunnerFactory[J, R], placement: Placement):
+    """Yield ``(name, Outcome)``, or ``(name, why)`` for an input lost with its workers.
 
     Leaving the generator early (the caller raising on a bad input) cancels the jobs not yet
-    started; those running finish, and their outputs are written completely or not at all.
+    finished; outputs are atomic, so a cancelled job leaves none half-written.
     """
-    # CUDA cannot be used in a forked child, so workers start fresh ('spawn').
-    context = multiprocessing.get_context('spawn')
-    queue = context.Queue()
-    for device in devices:
-        queue.put(str(resolve_device(device)))
-    pool = ProcessPoolExecutor(
-        max_workers=len(devices), mp_context=context, initializer=_start_worker,
-        initargs=(queue, runner),
-    )  # fmt: skip
+    from distributed import KilledWorker, as_completed
+
+    client = placement.client
+    assert client is not None
+    run_id = uuid.uuid4().hex
+    futures = {
+        client.submit(
+            _run_on_worker, run_id, runner, placement.device, job, key=f'{name}-{run_id}',
+            pure=False,
+        ): name
+        for name, job in jobs.items()
+    }  # fmt: skip
     try:
-        futures: dict[Future[R], str] = {
-            pool.submit(_run_job, job): name for name, job in jobs.items()
-        }
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):
+            name = futures[future]
             try:
-                yield futures[future], future.result()
-            except InputError as exc:
-                yield futures[future], exc
+                yield name, future.result()
+            except KilledWorker as exc:
+                yield name, f'its worker died while running it, more often than allowed ({exc})'
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        queue.close()
+        client.cancel(list(futures))
 
 
-def _start_worker(devices: multiprocessing.Queue, runner: RunnerFactory) -> None:
-    """Pin this worker process to the next free device and build its runner."""
-    global _runner, _failure
-    device = torch.device(devices.get())
-    try:
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
-        _runner = runner(device)
-    except Exception as exc:  # noqa: BLE001 - re-raised by every job of this worker
-        # An initializer that raises breaks the whole pool with a bare BrokenProcessPool;
-        # raised from the jobs instead, the error itself reaches the caller.
-        _failure = exc
+def _run_on_worker(run_id: str, runner: RunnerFactory, device: str, job: object) -> Outcome:
+    """Run one job on a Dask worker, building this worker's runner on its first job."""
+    from distributed import get_worker
 
-
-def _run_job(job: object) -> object:
-    """Run one job in a worker process."""
-    if _failure is not None:
-        raise _failure
-    assert _runner is not None, 'worker started without a runner'
-    return _runner(job)
+    with _runners_lock:
+        run = _runners.get(run_id)
+        if run is None:
+            threads = os.environ.get(THREADS_VARIABLE)
+            if threads:
+                torch.set_num_threads(int(threads))
+            resolved = resolve_device(os.environ.get(DEVICE_VARIABLE, device))
+            if resolved.type == 'cuda':
+                torch.cuda.set_device(resolved)
+            _runners.clear()  # the model of an earlier run is not needed again
+            run = _runners[run_id] = runner(resolved)
+    return _timed(run, job, get_worker().address)

@@ -48,7 +48,7 @@ def check_threshold(threshold: Threshold | str, *, bounded: bool = True) -> Thre
         InputError: any other value.
     """
     if isinstance(threshold, str) and threshold in THRESHOLD_RULES:
-        return threshold  # type: ignore[return-value]
+        return threshold
     try:
         value = float(threshold)
     except (TypeError, ValueError):

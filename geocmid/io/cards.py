@@ -171,7 +171,7 @@ def _parse_classes(value: Any, source: str | os.PathLike[str] | None) -> list[Cl
         color = item['color']
         if not isinstance(color, list):
             raise InputError(source, f'classes[{i}].color must be a list [r, g, b]')
-        classes.append(ClassInfo(item['name'], tuple(color)))  # type: ignore[arg-type]
+        classes.append(ClassInfo(item['name'], tuple(color)))
     return classes
 
 

@@ -95,10 +95,11 @@ def default_classes(num_classes: int) -> list[ClassInfo]:
             color = _PALETTE[i]
         else:  # golden-angle hues: neighbours stay distinguishable for any class count
             hue = (i * 0.618033988749895) % 1.0
-            color = tuple(
+            r, g, b = (
                 int(255 * (0.5 + 0.5 * math.cos(2 * math.pi * (hue + k / 3)))) for k in range(3)
             )
-        classes.append(ClassInfo(f'class_{i}', color))  # type: ignore[arg-type]
+            color = (r, g, b)
+        classes.append(ClassInfo(f'class_{i}', color))
     return classes
 
 

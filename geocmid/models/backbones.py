@@ -15,7 +15,7 @@ into ``timm.create_model(name, in_chans=C, num_classes=0, **kwargs)`` (for Swin 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import timm
 import torch
@@ -34,13 +34,17 @@ REDUCTION = 32
 
 _SWIN_TYPES = (SwinTransformer, SwinTransformerV2)
 
+#: The timm families geocmid builds encoders from.
+type Swin = SwinTransformer | SwinTransformerV2
+type Encoder = ResNet | Swin
 
-def is_swin(model: nn.Module) -> bool:
+
+def is_swin(model: nn.Module) -> TypeGuard[Swin]:
     """Whether ``model`` is a timm Swin Transformer (built for one input size)."""
     return isinstance(model, _SWIN_TYPES)
 
 
-def _build(name: str, **kwargs: Any) -> nn.Module:
+def _build(name: str, **kwargs: Any) -> Encoder:
     """Create a timm model with no classifier and no download, or explain why it is unusable."""
     if not timm.is_model(name):
         raise InputError('--backbone', f'unknown timm model {name!r}')
@@ -54,17 +58,24 @@ def _build(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def _architecture(backbone: str, **timm_kwargs: Any) -> nn.Module:
+def _architecture(backbone: str, **timm_kwargs: Any) -> Encoder:
     """Build ``backbone`` on the meta device: the architecture only, no memory, no init cost."""
     with torch.device('meta'):
         return _build(backbone, **timm_kwargs)
 
 
-def _required_multiple(model: nn.Module) -> int:
+def _feature_info(model: Encoder) -> list[dict[str, Any]]:
+    """Per-stage ``feature_info`` of a timm model: ``num_chs``, ``reduction`` (int), ``module``."""
+    return model.feature_info
+
+
+def _required_multiple(model: Encoder) -> int:
     """Smallest patch size step ``model`` accepts: 32, and for a Swin whole windows per stage."""
     steps = [REDUCTION]
     if is_swin(model):
-        for stage, info in zip(model.layers, model.feature_info, strict=True):
+        # timm's stage modules declare no attribute types (nn.Module types them Tensor | Module).
+        stages: list[Any] = list(model.layers)
+        for stage, info in zip(stages, _feature_info(model), strict=True):
             steps += [info['reduction'] * side for side in stage.blocks[0].window_size]
     return math.lcm(*steps)
 
@@ -90,7 +101,7 @@ def check_patch_size(backbone: str, patch_size: int, **timm_kwargs: Any) -> None
     _check_patch_size(_architecture(backbone, **timm_kwargs), backbone, patch_size)
 
 
-def _check_patch_size(architecture: nn.Module, backbone: str, patch_size: int) -> None:
+def _check_patch_size(architecture: Encoder, backbone: str, patch_size: int) -> None:
     multiple = _required_multiple(architecture)
     if patch_size <= 0 or patch_size % multiple:
         why = 'whole attention windows in every stage' if multiple != REDUCTION else 'stride 32'
@@ -100,7 +111,7 @@ def _check_patch_size(architecture: nn.Module, backbone: str, patch_size: int) -
         )
 
 
-def create_encoder(backbone: str, in_chans: int, patch_size: int, **timm_kwargs: Any) -> nn.Module:
+def create_encoder(backbone: str, in_chans: int, patch_size: int, **timm_kwargs: Any) -> Encoder:
     """Create the timm encoder that :class:`MaskedEncoder` wraps, for ``in_chans`` bands.
 
     No pretrained weights are downloaded. Drop-path defaults to 0 (CMID pre-training,
@@ -149,20 +160,21 @@ class MaskedEncoder(nn.Module):
         self.backbone = backbone
         self.in_chans = in_chans
         self.patch_size = patch_size
-        self.encoder = create_encoder(backbone, in_chans, patch_size, **timm_kwargs)
-        self.is_swin = is_swin(self.encoder)
+        encoder = create_encoder(backbone, in_chans, patch_size, **timm_kwargs)
+        self.encoder = encoder
+        self.is_swin = is_swin(encoder)
         #: Channels of the last-stage map.
-        self.num_features: int = self.encoder.num_features
+        self.num_features: int = encoder.num_features
         #: Output stride of the last-stage map.
-        self.reduction: int = self.encoder.feature_info[-1]['reduction']
-        if self.is_swin:
-            # Swin stem output is NHWC (B, h, w, E): the token broadcasts over (h, w).
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.embed_dim))
-        else:
+        self.reduction: int = _feature_info(encoder)[-1]['reduction']
+        if isinstance(encoder, ResNet):
             # ResNet stem output is NCHW with the stem width as channels (64 for resnet18/50);
             # timm's first feature_info entry describes the stem whatever its norm layer.
-            width = self.encoder.feature_info[0]['num_chs']
+            width = _feature_info(encoder)[0]['num_chs']
             self.mask_token = nn.Parameter(torch.zeros(1, width, 1, 1))
+        else:
+            # Swin stem output is NHWC (B, h, w, E): the token broadcasts over (h, w).
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Encode images, adding the mask token at masked positions when ``mask`` is given.
@@ -178,7 +190,7 @@ class MaskedEncoder(nn.Module):
         """
         # timm's forward_features, split after the stem so that the token can enter there.
         encoder = self.encoder
-        if self.is_swin:
+        if not isinstance(encoder, ResNet):  # a Swin
             feat = encoder.patch_embed(x)
             if mask is not None:
                 tokens = resize_mask(mask, feat.shape[1:3]).to(feat.dtype)
@@ -190,4 +202,6 @@ class MaskedEncoder(nn.Module):
         if mask is not None:
             tokens = resize_mask(mask, feat.shape[-2:]).to(feat.dtype)
             feat = feat + self.mask_token * tokens[:, None]
-        return encoder.layer4(encoder.layer3(encoder.layer2(encoder.layer1(feat))))
+        for stage in ('layer1', 'layer2', 'layer3', 'layer4'):  # timm sets these by name
+            feat = encoder.get_submodule(stage)(feat)
+        return feat

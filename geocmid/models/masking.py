@@ -9,6 +9,7 @@ x 56 at 224 px) or the pixel grid (for the mean fill and the reconstruction loss
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ def block_mask(
     return mask.view(batch_size, rows, cols)
 
 
-def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
+def resize_mask(mask: Tensor, size: int | Sequence[int]) -> Tensor:
     """Resize a (B, h, w) mask to another grid by nearest-neighbour sampling.
 
     Upsampling by an integer factor repeats every cell (cell -> token -> pixel level). Block masks
@@ -89,17 +90,17 @@ def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
 
     Args:
         mask: Mask of shape (B, h, w) or (B, 1, h, w), any dtype.
-        size: Target ``size`` or ``(height, width)``.
+        size: Target ``size`` or ``(height, width)`` (e.g. a ``torch.Size``).
 
     Returns:
         The mask on the target grid, shape (B, height, width), same dtype as ``mask``.
     """
     if mask.ndim == 4:
         mask = mask.squeeze(1)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(mask.shape[-2:]) == size:
+    height, width = (size, size) if isinstance(size, int) else size
+    if tuple(mask.shape[-2:]) == (height, width):
         return mask
-    resized = F.interpolate(mask[:, None].float(), size=size, mode='nearest')
+    resized = F.interpolate(mask[:, None].float(), size=(height, width), mode='nearest')
     return resized[:, 0].to(mask.dtype)
 
 

@@ -43,7 +43,7 @@ def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: flo
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
-def copy_as_teacher(student: nn.Module) -> nn.Module:
+def copy_as_teacher[M: nn.Module](student: M) -> M:
     """Return an exact copy of ``student`` whose parameters receive no gradient.
 
     Make the copy after all initialisation and weight loading (``docs/gersp.md#deviations``). The

@@ -161,7 +161,7 @@ def load_encoder_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
         RuntimeError: A parameter outside the classifier is missing, or a key is unexpected,
             or a shape differs.
     """
-    head = model.get_classifier()  # type: ignore[operator]
+    head = model.get_classifier()  # type: ignore[operator]  # timm method, untyped on nn.Module
     prefixes = tuple(f'{name}.' for name, module in model.named_modules() if module is head)
     result = model.load_state_dict(state_dict, strict=False)
     missing = [key for key in result.missing_keys if not key.startswith(prefixes)]

@@ -7,6 +7,7 @@ listed in ``docs/cmid.md#deviations``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
@@ -155,7 +156,7 @@ def warmup_cosine_scheduler(
     """
     # LambdaLR multiplies each group's peak by a factor: the schedule of a peak of 1 with the
     # minimum expressed relative to that group's peak.
-    lambdas = [
+    lambdas: list[Callable[[int], float]] = [
         partial(
             warmup_cosine,
             total_steps=total_steps,

@@ -229,6 +229,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 # torch.load takes a pickle module; this one carries the restricted Unpickler (storages are
 # still resolved by torch before find_class is asked).
+# (A ModuleType declares no attributes, hence the two ignores.)
 _restricted_pickle = types.ModuleType('geocmid_restricted_pickle')
 _restricted_pickle.Unpickler = _RestrictedUnpickler  # type: ignore[attr-defined]
 _restricted_pickle.load = (  # type: ignore[attr-defined]
@@ -505,10 +506,10 @@ def load_encoder(
         raise InputError(spec, f'encoder takes bands {card.bands}, {list(bands)} requested')
     model = _create(card, card_path(weights))
     state = load_tensors(weights, 'an encoder state dict')
-    problem = state_dict_mismatch(model.state_dict(), state)
-    if problem:
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
         raise InputError(
-            weights, f'does not fit {card.backbone} with {card.in_chans} input band(s): {problem}'
+            weights, f'does not fit {card.backbone} with {card.in_chans} input band(s): {mismatch}'
         )
     model.load_state_dict(state, strict=True)
     return model.eval(), card
@@ -533,10 +534,10 @@ def _create(card: ModelCard, source: str | os.PathLike[str]) -> nn.Module:
 def _random_encoder(
     spec: str, backbone: str, in_chans: int | None, bands: list[str] | None
 ) -> tuple[nn.Module, ModelCard]:
-    if bands is None and in_chans is None:
-        raise InputError(spec, 'a random encoder needs the input bands or their number')
     if bands is None:
-        bands = default_band_names(in_chans)  # type: ignore[arg-type]
+        if in_chans is None:
+            raise InputError(spec, 'a random encoder needs the input bands or their number')
+        bands = default_band_names(in_chans)
     elif in_chans is not None and in_chans != len(bands):
         raise InputError(
             spec, f'{in_chans} input channel(s) requested but {len(bands)} band name(s) given'

@@ -1,1 +1,1 @@
-"""raster"""
+"""Raster primitives: opening, validation, band selection, statistics."""

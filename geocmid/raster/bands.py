@@ -15,3 +15,12 @@ COLOUR_NAMES = dict(
 #: Spellings (case-insensitive) of three band names that make an input RGB.
 RGB_NAMES = (('r', 'g', 'b'), RGB_BAND_NAMES)
 
+#: Band names that say what a band measures: STAC's ``eo:common_name`` vocabulary and the
+#: one-letter RGB spellings. Two bands so named measure different things when the names differ;
+#: other descriptions (file names, sensor metadata) say nothing comparable.
+COMMON_NAMES = frozenset(
+    {
+        'coastal', 'blue', 'green', 'red', 'yellow', 'pan', 'rededge', 'nir', 'nir08', 'nir09',
+        'cirrus', 'swir16', 'swir22', 'lwir', 'lwir11', 'lwir12', 'r', 'g', 'b',
+    }
+)  # fmt: skip

@@ -101,8 +101,11 @@ def is_remote(location: PathLike) -> bool:
 
 
 def reads_remotely(location: PathLike) -> bool:
-    """Whether reading ``location`` goes over the network: a remote raster, or a local VRT
-    (a band stack, a STAC Item's scene) whose sources are remote."""
+    """Whether reading ``location`` goes over the network.
+
+    True for a remote raster, and for a local VRT (a band stack, a STAC Item's scene) whose
+    sources are remote.
+    """
     if is_remote(location):
         return True
     text = os.fspath(location)
@@ -153,8 +156,11 @@ def _aws_credentials() -> bool:
 
 
 def remote_env(location: PathLike) -> AbstractContextManager[object]:
-    """The GDAL settings to open ``location`` with: :data:`OPEN_SETTINGS` when it is remote
-    (the user's environment still wins), nothing for local files."""
+    """The GDAL settings to open ``location`` with.
+
+    :data:`OPEN_SETTINGS` when it is remote (the user's environment still wins), nothing for
+    local files.
+    """
     if not is_remote(location):
         return nullcontext()
     apply_network_settings()

@@ -70,16 +70,15 @@ def load_items(source: PathLike) -> list[pystac.Item]:
     except (OSError, URLError) as exc:
         raise InputError(source, f'cannot read ({" ".join(str(exc).split())})') from None
     try:
-        kind = identify_stac_object_type(document)
-        if kind == pystac.STACObjectType.ITEM:
-            return [pystac.Item.from_dict(document, href=href)]
-        if kind == pystac.STACObjectType.ITEMCOLLECTION:
+        if pystac.ItemCollection.is_item_collection(document):
             items = list(pystac.ItemCollection.from_dict(document).items)
             for item in items:
                 if item.get_self_href() is None:  # relative asset hrefs: beside the file
                     item.set_self_href(href)
             return items
-    except (KeyError, TypeError, ValueError, pystac.STACError) as exc:
+        if identify_stac_object_type(document) == pystac.STACObjectType.ITEM:
+            return [pystac.Item.from_dict(document, href=href)]
+    except (AttributeError, KeyError, TypeError, ValueError, pystac.STACError) as exc:
         raise InputError(source, f'malformed STAC ({" ".join(str(exc).split())})') from None
     raise InputError(source, 'not a STAC Item or ItemCollection')
 
@@ -114,8 +113,10 @@ def asset_bands(item: pystac.Item) -> list[AssetBand]:
 def item_bands(
     item: pystac.Item, source: PathLike, wanted: Sequence[str | int] | None = None
 ) -> list[BandFile]:
-    """The bands of the scene ``item``: ``wanted`` (asset keys or common names, matched
-    ignoring case), else every band of its data assets.
+    """The bands of the scene ``item``.
+
+    ``wanted`` selects them by asset key or common name (ignoring case); without it, every
+    band of the item's data assets.
 
     Raises:
         InputError: no raster asset, or a wanted band matching none (the keys and common names
@@ -157,9 +158,7 @@ def stac_scenes(
     if not items:
         raise InputError(source, 'no STAC Items')
     shown = location_name(source)
-    return [
-        stack_vrt(item_bands(item, shown, bands), item.id, shown, resolution) for item in items
-    ]
+    return [stack_vrt(item_bands(item, shown, bands), item.id, shown, resolution) for item in items]
 
 
 def _href(text: str) -> str:
@@ -183,8 +182,10 @@ def _parquet_items(source: str) -> list[pystac.Item]:
 
 
 def _band_metadata(asset: pystac.Asset) -> list[dict[str, Any]]:
-    """Per-band metadata of an asset: STAC 1.1 ``bands``, else ``eo:bands`` merged with
-    ``raster:bands`` (``raster:`` prefixed), one dict per band."""
+    """Per-band metadata of an asset, one dict per band.
+
+    STAC 1.1 ``bands``, else ``eo:bands`` merged with ``raster:bands`` (``raster:`` prefixed).
+    """
     fields = asset.extra_fields
     if isinstance(fields.get('bands'), list):
         return [dict(band) for band in fields['bands']]

@@ -1,5 +1,7 @@
-"""One multi-band scene from the bands of several files: a folder of band files (``--stack``)
-or the assets of a STAC Item (:mod:`geocmid.raster.stac`), as a GDAL VRT on one grid.
+"""One multi-band scene, as a GDAL VRT on one grid, from the bands of several files.
+
+The files are a folder of band files (``--stack``) or the assets of a STAC Item
+(:mod:`geocmid.raster.stac`).
 
 The VRT is XML written with :mod:`xml.etree`: GDAL's Python bindings (whose ``BuildVRT`` would
 do it) do not install from wheels here, and rasterio has no ``BuildVRT``. Each band is one
@@ -9,7 +11,7 @@ ordinary raster, window by window, and GDAL reads only the source blocks a windo
 
 The grid is the finest one among the selected bands (or ``resolution``), in their common CRS,
 over the union of their extents; coarser bands are resampled with nearest neighbour by
-default, which keeps their values exact (``docs/data.md#band-stacks``).
+default, which keeps their values exact (``docs/data.md#band-stacks-and-stac-items``).
 """
 
 from __future__ import annotations
@@ -111,9 +113,10 @@ def probe(path: str, shown: PathLike | None = None) -> FileGrid:
 
 
 def folder_bands(folder: PathLike) -> list[BandFile]:
-    """The bands of the scene ``folder``: every raster in it (sorted by name), every band of
-    each, named by its description, else by the file name (its last ``_``-separated part when
-    all files share the rest, as ``S2A_..._B02.tif`` -> ``B02``).
+    """The bands of the scene ``folder``: every band of every raster in it (sorted by name).
+
+    Each band is named by its description, else by the file name (its last ``_``-separated
+    part when all files share the rest, as ``S2A_..._B02.tif`` -> ``B02``).
 
     Raises:
         InputError: not a folder, or no raster in it.
@@ -126,7 +129,9 @@ def folder_bands(folder: PathLike) -> list[BandFile]:
         if p.suffix.lower() in RASTER_SUFFIXES and p.is_file() and not p.name.startswith('.')
     )  # fmt: skip
     if not files:
-        raise InputError(folder, f'no band files in folder (searched for {", ".join(RASTER_SUFFIXES)})')
+        raise InputError(
+            folder, f'no band files in folder (searched for {", ".join(RASTER_SUFFIXES)})'
+        )
     names = _short_names([p.stem for p in files])
     bands: list[BandFile] = []
     for path, name in zip(files, names, strict=True):

@@ -175,8 +175,10 @@ def sample_windows(
 
 
 def fingerprint(files: Sequence[Path], settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Key of a statistics entry: the files with their sizes and modification times, plus
-    every setting the result depends on (bands, nodata, sampling budget, seed).
+    """Key of a statistics entry.
+
+    The files with their sizes and modification times, plus every setting the result depends
+    on (bands, nodata, sampling budget, seed).
 
     Args:
         files: the rasters the statistics are computed over.

@@ -25,7 +25,10 @@ def metres_per_unit(crs: CRS | ProjCRS | str, bounds: Bounds) -> float:
         return crs.axis_info[0].unit_conversion_factor
     lon = (bounds[0] + bounds[2]) / 2
     lat = min(max((bounds[1] + bounds[3]) / 2, -89.0), 89.0)
-    _, _, metres_per_degree = crs.get_geod().inv(lon, lat - 0.5, lon, lat + 0.5)
+    geod = crs.get_geod()
+    if geod is None:  # pyproj types it optional; a geographic CRS always has an ellipsoid
+        raise ValueError(f'geographic CRS without an ellipsoid: {crs.name}')
+    _, _, metres_per_degree = geod.inv(lon, lat - 0.5, lon, lat + 0.5)
     return metres_per_degree
 
 

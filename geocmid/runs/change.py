@@ -91,7 +91,7 @@ class ChangeConfig:
 
 
 def train_change(
-    config: ChangeConfig, *, overwrite: bool = False, progress: bool = True
+    config: ChangeConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> RunResult:
     """Fine-tune a siamese change model on labelled pairs and write the run folder.
 
@@ -100,6 +100,8 @@ def train_change(
 
     Args:
         config: Resolved settings (e.g. ``geocmid.runs.config.resolve(ChangeConfig, yaml, cli)``).
+        resume: Continue from ``RUN_DIR/checkpoints/last.ckpt`` (same step, optimiser and
+            scheduler).
         overwrite: Allow an existing non-empty run folder; its previous outputs are removed.
         progress: Show Lightning's progress bar.
 
@@ -111,7 +113,7 @@ def train_change(
             or data-type mismatch, unusable label), encoder bands that differ from the images'
             bands, or an existing run folder without ``overwrite``.
     """
-    return run_finetune(ChangeRun(), config, overwrite=overwrite, progress=progress)
+    return run_finetune(ChangeRun(), config, resume=resume, overwrite=overwrite, progress=progress)
 
 
 class ChangeRun(FineTune[ChangeConfig, ChangeDataModule]):
@@ -122,8 +124,9 @@ class ChangeRun(FineTune[ChangeConfig, ChangeDataModule]):
 
     def datamodule(self, config: ChangeConfig, encoder: EncoderInit) -> ChangeDataModule:
         """Patches of the labelled pairs, split by pair (by rows, for a single pair)."""
+        assert config.pairs is not None  # required (checked before the run starts)
         return ChangeDataModule(
-            config.pairs,  # type: ignore[arg-type]
+            config.pairs,
             bands=config.bands,
             mean=encoder.mean,
             std=encoder.std,

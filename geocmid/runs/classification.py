@@ -19,7 +19,7 @@ from geocmid.datamodules.classification import (
     chip_normalisation,
     labelled_chips,
 )
-from geocmid.evaluation.features import DEFAULT_SIZE
+from geocmid.datasets.chips import DEFAULT_SIZE
 from geocmid.io.cards import ClassInfo, ModelCard, default_band_names
 from geocmid.io.cog import default_classes
 from geocmid.runs.config import to_plain
@@ -89,12 +89,14 @@ class ClassifyConfig:
 
 
 def train_classification(
-    config: ClassifyConfig, *, overwrite: bool = False, progress: bool = True
+    config: ClassifyConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> RunResult:
     """Fine-tune a scene classifier on labelled chips and write the run folder.
 
     Args:
         config: Resolved settings (e.g. ``geocmid.runs.config.resolve(ClassifyConfig, yaml, cli)``).
+        resume: Continue from ``RUN_DIR/checkpoints/last.ckpt`` (same step, optimiser and
+            scheduler).
         overwrite: Allow an existing non-empty run folder; its previous outputs are removed.
         progress: Show Lightning's progress bar.
 
@@ -107,7 +109,9 @@ def train_classification(
             of mixed band counts, bands that do not match the encoder, or an existing run
             folder without ``overwrite``.
     """
-    return run_finetune(ClassificationRun(), config, overwrite=overwrite, progress=progress)
+    return run_finetune(
+        ClassificationRun(), config, resume=resume, overwrite=overwrite, progress=progress
+    )
 
 
 class ClassificationRun(FineTune[ClassifyConfig, ChipClassificationDataModule]):

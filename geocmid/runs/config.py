@@ -15,13 +15,14 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from geocmid.errors import InputError
 
-T = TypeVar('T')
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def signature_hints(function: Callable[..., Any], exclude: tuple[str, ...] = ())
     return {name: resolved.get(name, Any) for name in names}
 
 
-def resolve(
+def resolve[T](
     cls: type[T],
     config_file: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -136,9 +137,9 @@ def resolve(
     return cls(**values)
 
 
-def to_plain(config: object) -> dict[str, Any]:
+def to_plain(config: DataclassInstance) -> dict[str, Any]:
     """A dataclass as plain YAML/JSON-serialisable values (paths become strings)."""
-    return _plain(dataclasses.asdict(config))  # type: ignore[call-overload]
+    return _plain(dataclasses.asdict(config))
 
 
 def _plain(value: Any) -> Any:

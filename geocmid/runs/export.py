@@ -132,17 +132,16 @@ def exportable(run_dir: PathLike) -> Exportable:
     if card.task not in loaders:
         raise InputError(run_dir, f'cannot export a {card.task!r} model')
     network, card = loaders[card.task](folder)
-    weights = folder / MODEL_NAME
-    if card.task == 'classification':
+    task, weights = str(card.task), folder / MODEL_NAME  # one of the loaders' tasks
+    if task == 'classification':
         size = card.patch_size or 224
-        return Exportable(network, card, card.task, weights, ('image',), 'logits', size, 1, False)
+        return Exportable(network, card, task, weights, ('image',), 'logits', size, 1, False)
     multiple = int(getattr(getattr(network, 'encoder', None), 'output_stride', 32))
     size = max(multiple, -(-(card.patch_size or 64) // multiple) * multiple)
-    if card.task == 'change':
+    inputs: tuple[str, ...] = ('image',)
+    if task == 'change':
         network, inputs = _TwoDates(network).eval(), ('before', 'after')
-    else:
-        inputs = ('image',)
-    return Exportable(network, card, card.task, weights, inputs, 'logits', size, multiple, True)
+    return Exportable(network, card, task, weights, inputs, 'logits', size, multiple, True)
 
 
 def export_onnx(
@@ -150,9 +149,10 @@ def export_onnx(
 ) -> Path:
     """Export the network of a run folder to ONNX with its model card inside.
 
-    The graph is checked with ``onnx.checker`` and run with onnxruntime on two inputs of other
-    batch sizes and sizes than the one traced; its outputs must match torch's within
-    :data:`TOLERANCE` before anything is written. The file is written atomically.
+    The graph is checked with ``onnx.checker`` and run by onnxruntime with batch 2 (batch 1
+    was traced) at the traced size and, where sizes may vary, at another size; its outputs must
+    match torch's within :data:`TOLERANCE` before anything is written. The file is written
+    atomically.
 
     Args:
         run_dir: a fine-tuning run folder (segmentation, change, classification), or a
@@ -222,7 +222,8 @@ def _trace(
         # onnxscript; it is kept because it handles smp and timm models without it.
         warnings.simplefilter('ignore')
         torch.onnx.export(
-            model.network, example, buffer, input_names=list(model.inputs),
+            model.network, example, buffer,  # type: ignore[arg-type]  # a file-like is documented
+            input_names=list(model.inputs),
             output_names=[model.output], dynamic_axes=axes, opset_version=OPSET, dynamo=False,
         )  # fmt: skip
     return onnx.load_from_string(buffer.getvalue())
@@ -288,7 +289,7 @@ def _check_against_torch(model: Exportable, content: bytes, fixed: bool) -> None
 def _float16_converter(output: PathLike) -> Any:
     """``onnxconverter_common.float16``, or an InputError saying how to install it."""
     try:
-        from onnxconverter_common import float16
+        from onnxconverter_common import float16  # type: ignore[import-untyped]
     except ImportError:
         problem = '--fp16 needs the onnxconverter-common package (pip install onnxconverter-common)'
         raise InputError(output, problem) from None

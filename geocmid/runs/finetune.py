@@ -2,11 +2,12 @@
 
 A run folder holds everything one fine-tuning run produces::
 
-    RUN_DIR/config.yaml          the resolved settings (defaults < YAML < command line)
-    RUN_DIR/logs/version_N/      CSV logs: losses and the task's metrics per epoch
-    RUN_DIR/model.ckpt           the trained model (Lightning checkpoint, weights only)
-    RUN_DIR/model_card.json      bands, normalisation, classes, tile size, resolution,
-                                 encoder provenance
+    RUN_DIR/config.yaml            the resolved settings (defaults < YAML < command line)
+    RUN_DIR/checkpoints/last.ckpt  the full Lightning checkpoint, for ``resume``
+    RUN_DIR/logs/version_N/        CSV logs: losses and the task's metrics per epoch
+    RUN_DIR/model.ckpt             the trained model (Lightning checkpoint, weights only)
+    RUN_DIR/model_card.json        bands, normalisation, classes, tile size, resolution,
+                                   encoder provenance
 
 :func:`run_finetune` does what every task does (run folder, encoder initialisation, training,
 final validation, rank-0 export); a :class:`FineTune` spec (in :mod:`geocmid.runs.segmentation`,
@@ -36,6 +37,7 @@ from geocmid.runs.folders import (
     check_run_dir,
     checkpoint_interval,
     fit,
+    resume_checkpoint,
     write_run_config,
 )
 from geocmid.runs.result import RunResult
@@ -173,7 +175,12 @@ class FineTune[C, D: lightning.LightningDataModule](ABC):
 
 
 def run_finetune[C, D: lightning.LightningDataModule](
-    spec: FineTune[C, D], config: C, *, overwrite: bool = False, progress: bool = True
+    spec: FineTune[C, D],
+    config: C,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> RunResult:
     """Fine-tune the task ``spec`` describes and write the run folder.
 
@@ -185,6 +192,8 @@ def run_finetune[C, D: lightning.LightningDataModule](
     Args:
         spec: The task.
         config: Its resolved settings.
+        resume: Continue from ``RUN_DIR/checkpoints/last.ckpt``: same step, optimiser,
+            scheduler and random streams; the run folder's other outputs are kept until replaced.
         overwrite: Allow an existing non-empty run folder; its previous outputs are removed.
         progress: Show Lightning's progress bar.
 
@@ -193,23 +202,25 @@ def run_finetune[C, D: lightning.LightningDataModule](
 
     Raises:
         InputError: A missing or bad setting, unusable data, encoder bands that differ from
-            the data's, or an existing run folder without ``overwrite``.
+            the data's, a missing or unreadable checkpoint to resume from, or an existing run
+            folder without ``resume``/``overwrite``.
     """
     settings: Any = config
     spec.check(config)
     check_positive(settings.num_nodes, '--num-nodes')
     checkpoint_interval(settings.checkpoint_every)
     run_dir = Path(settings.output)
+    resume_from = resume_checkpoint(run_dir, resume)
     # Other DDP ranks start once rank 0 has filled the folder.
     first_rank = getattr(rank_zero_only, 'rank', 0) == 0
     if first_rank:
-        check_run_dir(run_dir, overwrite=overwrite)
+        check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     encoder = encoder_init(settings.encoder, settings.backbone)
     data = spec.datamodule(config, encoder)
     weights = encoder.weights(spec.in_channels(data), spec.source)
     if first_rank:
         # Only now that the data are known to be usable are earlier outputs removed.
-        folders.prepare_run_dir(run_dir, RUN_OUTPUTS, overwrite=overwrite)
+        folders.prepare_run_dir(run_dir, RUN_OUTPUTS, overwrite=overwrite, resume=resume)
         write_run_config(run_dir, config)
     lightning.seed_everything(settings.seed, workers=True, verbose=False)
     task = spec.task(config, encoder, weights, data)
@@ -232,7 +243,7 @@ def run_finetune[C, D: lightning.LightningDataModule](
         # TorchGeo's ReduceLROnPlateau watches `val_loss`, which is never logged without a
         # validation split; watch the training loss instead.
         task.monitor = 'train_loss'  # type: ignore[assignment]
-    fit(trainer, task, datamodule=data)
+    fit(trainer, task, datamodule=data, ckpt_path=resume_from)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if validate:
         trainer.validate(task, datamodule=data, verbose=False)

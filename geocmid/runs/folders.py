@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from geocmid.errors import InputError
 from geocmid.io.atomic import atomic_output
+from geocmid.models.weights import load_tensors
 from geocmid.runs.config import to_plain
 from geocmid.runs.progress import progress_callback
 
@@ -86,7 +87,9 @@ def check_positive(value: int | None, source: str) -> None:
         raise InputError(source, f'must be at least 1, got {value}')
 
 
-def resolve_precision(precision: Precision, accelerator: str = 'auto') -> str:
+def resolve_precision(
+    precision: Precision, accelerator: str = 'auto'
+) -> Literal['32', 'bf16-mixed', '16-mixed']:
     """Lightning's precision for ``precision``: 'auto' is mixed precision where a GPU runs.
 
     'auto' gives 'bf16-mixed' on GPUs that support bfloat16 (no loss scaling needed),
@@ -97,6 +100,29 @@ def resolve_precision(precision: Precision, accelerator: str = 'auto') -> str:
     if accelerator in ('auto', 'gpu', 'cuda') and torch.cuda.is_available():
         return 'bf16-mixed' if torch.cuda.is_bf16_supported() else '16-mixed'
     return '32'
+
+
+def resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint a run resumes from, checked before any work; None when not resuming.
+
+    The file is read once here with ``torch.load(weights_only=True)`` (:func:`load_tensors`), so
+    a garbage or malicious ``last.ckpt`` is refused as bad input naming the file, before
+    Lightning reads it again.
+
+    Raises:
+        InputError: ``resume`` and ``run_dir/checkpoints/last.ckpt`` is missing, unreadable,
+            pickles anything but tensors and containers, or is not a training checkpoint.
+    """
+    if not resume:
+        return None
+    checkpoint = run_dir / 'checkpoints' / LAST_CHECKPOINT
+    if not checkpoint.is_file():
+        raise InputError(checkpoint, 'no checkpoint to resume from')
+    contents = load_tensors(checkpoint, 'a training checkpoint')
+    missing = [key for key in ('state_dict', 'global_step', 'loops') if key not in contents]
+    if missing:
+        raise InputError(checkpoint, f'not a training checkpoint (no {", ".join(missing)})')
+    return checkpoint
 
 
 def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool | None = None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,11 @@ from geocmid.runs.folders import (
     checkpoint_interval,
     fit,
     prepare_run_dir,
+    resume_checkpoint,
     write_run_config,
 )
 from geocmid.runs.result import RunResult
+from geocmid.samplers.valid_patch import ValidPatchSampler
 from geocmid.tasks.ssl.base import PretrainTask
 from geocmid.tasks.ssl.cmid import CMID
 from geocmid.tasks.ssl.gersp import GeRSP
@@ -222,8 +225,8 @@ def run_pretraining(
 
     Raises:
         InputError: For bad input: missing or unusable data, bands not in the data, a patch size
-            the data or backbone cannot take, a missing checkpoint to resume from, or an existing
-            run folder without ``resume``/``overwrite``.
+            the data or backbone cannot take, a missing or unreadable checkpoint to resume from,
+            or an existing run folder without ``resume``/``overwrite``.
     """
     if config.output is None:
         raise InputError('--output', 'a run folder is required')
@@ -241,8 +244,7 @@ def run_pretraining(
         raise InputError('--natural-images', f'only --method gersp uses it, not {config.method}')
     run_dir = Path(config.output)
     checkpoint = run_dir / 'checkpoints' / LAST_CHECKPOINT
-    if resume and not checkpoint.is_file():
-        raise InputError(checkpoint, 'no checkpoint to resume from')
+    resume_from = resume_checkpoint(run_dir, resume)
     # Other DDP ranks run this function again once rank 0 has filled the folder.
     first_rank = rank_zero_only.rank == 0
     if first_rank:
@@ -289,7 +291,12 @@ def run_pretraining(
         progress=progress,
     )
     trainer.callbacks.append(CardInCheckpoint(_model_card(config, data, task)))
-    fit(trainer, task, datamodule=data, ckpt_path=checkpoint if resume else None)
+    with warnings.catch_warnings():
+        if isinstance(data.sampler, ValidPatchSampler):
+            # Lightning warns that a mid-epoch checkpoint restarts the epoch's data; raster
+            # patches do not (PretrainDataModule.state_dict continues them).
+            warnings.filterwarnings('ignore', "You're resuming from a checkpoint that ended before")
+        fit(trainer, task, datamodule=data, ckpt_path=resume_from)
 
     encoder, card = run_dir / ENCODER_NAME, run_dir / CARD_NAME
     if trainer.is_global_zero:

@@ -15,23 +15,23 @@ class LineProgressBar(TQDMProgressBar):
     def _bar(self, desc: str, **options: object) -> LineProgress:
         return LineProgress(desc=desc, disable=self.is_disabled, file=sys.stderr, **options)
 
-    def init_sanity_tqdm(self) -> LineProgress:  # type: ignore[override]
+    def init_sanity_tqdm(self) -> LineProgress:
         """The sanity check bar."""
         return self._bar(self.sanity_check_description)
 
-    def init_train_tqdm(self) -> LineProgress:  # type: ignore[override]
+    def init_train_tqdm(self) -> LineProgress:
         """The training bar."""
         return self._bar(self.train_description, smoothing=0)
 
-    def init_validation_tqdm(self) -> LineProgress:  # type: ignore[override]
+    def init_validation_tqdm(self) -> LineProgress:
         """The validation bar."""
         return self._bar(self.validation_description)
 
-    def init_predict_tqdm(self) -> LineProgress:  # type: ignore[override]
+    def init_predict_tqdm(self) -> LineProgress:
         """The prediction bar."""
         return self._bar(self.predict_description, smoothing=0)
 
-    def init_test_tqdm(self) -> LineProgress:  # type: ignore[override]
+    def init_test_tqdm(self) -> LineProgress:
         """The test bar."""
         return self._bar('Testing')
 

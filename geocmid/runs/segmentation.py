@@ -96,12 +96,14 @@ class SegmentConfig:
 
 
 def train_segmentation(
-    config: SegmentConfig, *, overwrite: bool = False, progress: bool = True
+    config: SegmentConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> RunResult:
     """Fine-tune a segmentation model and write the run folder.
 
     Args:
         config: Resolved settings (e.g. ``geocmid.runs.config.resolve(SegmentConfig, yaml, cli)``).
+        resume: Continue from ``RUN_DIR/checkpoints/last.ckpt`` (same step, optimiser and
+            scheduler).
         overwrite: Allow an existing non-empty run folder; its previous outputs are removed.
         progress: Show Lightning's progress bar.
 
@@ -113,7 +115,9 @@ def train_segmentation(
             a missing label field, encoder bands that differ from the raster bands, or an
             existing run folder without ``overwrite``.
     """
-    return run_finetune(SegmentationRun(), config, overwrite=overwrite, progress=progress)
+    return run_finetune(
+        SegmentationRun(), config, resume=resume, overwrite=overwrite, progress=progress
+    )
 
 
 class SegmentationRun(FineTune[SegmentConfig, SegmentationDataModule]):
@@ -134,9 +138,10 @@ class SegmentationRun(FineTune[SegmentConfig, SegmentationDataModule]):
     def datamodule(self, config: SegmentConfig, encoder: EncoderInit) -> SegmentationDataModule:
         """Patches of the rasters and their rasterised labels, split by spatial blocks."""
         classes = parse_classes(config.classes) if config.classes is not None else None
+        assert config.rasters is not None and config.labels is not None  # required settings
         return SegmentationDataModule(
-            config.rasters,  # type: ignore[arg-type]
-            config.labels,  # type: ignore[arg-type]
+            config.rasters,
+            config.labels,
             label_field=config.label_field,
             class_names=[name for name, _ in classes] if classes is not None else None,
             bands=config.bands,
@@ -236,6 +241,7 @@ def _segmentation_card(
         for i, name in enumerate(data.class_names)
     ]
     images = data.images
+    assert config.labels is not None  # a required setting
     return ModelCard(
         method='supervised',
         backbone=encoder.backbone,
@@ -248,7 +254,7 @@ def _segmentation_card(
         resolution=images.ground_resolution,
         data={
             'rasters': images.files,
-            'labels': str(Path(config.labels).resolve()),  # type: ignore[arg-type]
+            'labels': str(Path(config.labels).resolve()),
             'label_field': config.label_field,
             'crs': images.crs.to_string(),
             'split': {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,7 +190,8 @@ class ValidPatchSampler(SpatialSampler):
 
     Each iteration uses the current epoch and then advances it, so plain loops get fresh
     patches; :meth:`set_epoch` (called by Lightning each epoch) pins it, as for
-    ``DistributedSampler``.
+    ``DistributedSampler``. :meth:`resume` continues an epoch part-way through, for a run
+    resumed from a checkpoint taken mid-epoch.
     """
 
     strategy = 'random'
@@ -239,6 +241,8 @@ class ValidPatchSampler(SpatialSampler):
             shapely.prepare(roi)
         self.seed = seed
         self.epoch = 0
+        #: (epoch, patches of this rank to skip) for the next iteration of that epoch.
+        self._resume_at: tuple[int, int] | None = None
         self.rank, self.world_size = _distributed(rank, world_size)
 
         height, width = self.size
@@ -266,6 +270,20 @@ class ValidPatchSampler(SpatialSampler):
         """Use ``epoch`` for the next iteration (same on every rank)."""
         self.epoch = epoch
 
+    def resume(self, epoch: int, consumed: int) -> None:
+        """Make the next iteration of ``epoch`` start after this rank's first ``consumed`` patches.
+
+        The skipped patches are drawn but not yielded (nor read), so the rest of the epoch is
+        exactly the sequence an uninterrupted run goes on with. Iterations of other epochs are
+        unaffected; the current epoch becomes ``epoch``.
+
+        Args:
+            epoch: The epoch to continue.
+            consumed: Patches of this rank's share already trained on in that epoch.
+        """
+        self.epoch = epoch
+        self._resume_at = (epoch, consumed)
+
     def __iter__(self) -> Iterator[tuple[slice, slice]]:
         """This rank's patches for the current epoch, then advance the epoch.
 
@@ -274,7 +292,10 @@ class ValidPatchSampler(SpatialSampler):
         """
         epoch = self.epoch
         self.epoch += 1
-        return self._patches(epoch)
+        skip = 0
+        if self._resume_at is not None and self._resume_at[0] == epoch:
+            skip, self._resume_at = self._resume_at[1], None
+        return itertools.islice(self._patches(epoch), skip, None)
 
     def _patches(self, epoch: int) -> Iterator[tuple[slice, slice]]:
         """Draw the global sequence of ``epoch`` and yield this rank's share."""

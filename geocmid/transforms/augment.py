@@ -133,6 +133,8 @@ class RandomGaussNoise(K.IntensityAugmentationBase2D):
     tensor on the CPU; this draws only the variance there and the noise on the input's device.
     """
 
+    scale: Tensor  # buffer, (C or 1, 1, 1)
+
     def __init__(
         self,
         variance: tuple[float, float] = NOISE_VARIANCE,

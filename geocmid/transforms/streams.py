@@ -91,7 +91,8 @@ class RandomStreams:
         """
         states = self._restored | {k: g.get_state() for k, g in self._generators.items()}
         if as_bytes:
-            states = {key: state.numpy().tobytes() for key, state in states.items()}
+            as_raw = {key: state.numpy().tobytes() for key, state in states.items()}
+            return {'seed': self.seed, 'states': as_raw}
         return {'seed': self.seed, 'states': states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

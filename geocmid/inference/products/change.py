@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from geocmid.errors import InputError
 from geocmid.inference.bands import model_bands
 from geocmid.inference.change_methods import CHANGE_METHODS, ChangeMethod, check_method
 from geocmid.inference.change_scores import LabelFreeScore, fit_scores, logit_to_score
+from geocmid.inference.cluster import placement
 from geocmid.inference.dense import (
     DenseOutputs,
     DenseProduct,
@@ -53,17 +54,23 @@ from geocmid.inference.dense import (
 )
 from geocmid.inference.devices import worker_devices
 from geocmid.inference.jobs import ErrorHandler, SkipHandler
+from geocmid.inference.manifest import take_shard
 from geocmid.inference.onnx_model import is_onnx, load_model
 from geocmid.inference.outputs import check_outputs, check_resume, output_folder
+from geocmid.inference.runtable import run_table_path
 from geocmid.inference.spool import Threshold, check_threshold
 from geocmid.inference.thresholds import otsu_threshold
 from geocmid.inference.tiling import Blend
 from geocmid.io.cards import CHANGE_CLASSES, ClassInfo, ModelCard
 from geocmid.models.weights import ENCODER_NAME, load_encoder, sha256_file
+from geocmid.raster.bands import COMMON_NAMES
 from geocmid.raster.files import BandSelection
 from geocmid.raster.normalise import normalise_window
 from geocmid.raster.stats import sample_windows
 from geocmid.types import PathLike
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 # otsu_threshold is part of this module's interface (the threshold of label-free change).
 __all__ = (
@@ -459,7 +466,11 @@ def _fit_label_free(model: ChangeModel, source: PairSource, max_pixels: int = 2*
 
 
 def _check_band_meaning(pair: AlignedPair, bands: tuple[int, ...]) -> None:
-    """Both images name the selected bands alike, where both name them.
+    """Both images' selected bands measure the same thing, where both say what they measure.
+
+    Only common band names (``red``, ``nir``, ``swir16``...; :data:`COMMON_NAMES`) are
+    compared: other descriptions (sensor metadata, file names) differ between dates of the
+    same band.
 
     Raises:
         InputError: a band named differently in the two images (e.g. ``red`` and ``nir``):
@@ -467,8 +478,8 @@ def _check_band_meaning(pair: AlignedPair, bands: tuple[int, ...]) -> None:
     """
     names = pair.band_names
     for band in bands:
-        first, second = (n[band - 1] if band <= len(n) else None for n in names)
-        if first and second and first.lower() != second.lower():
+        first, second = ((n[band - 1] or '').lower() if band <= len(n) else '' for n in names)
+        if first in COMMON_NAMES and second in COMMON_NAMES and first != second:
             raise InputError(
                 pair.after,
                 f'band {band} is {second!r} here but {first!r} in {pair.before}; '
@@ -515,6 +526,9 @@ def detect_changes(
     model: PathLike | ChangeModel | None = None,
     encoder: PathLike | None = None,
     out_dir: PathLike | None = None,
+    shard: tuple[int, int] | None = None,
+    client: Client | str | None = None,
+    workers: int | None = None,
     raster: bool = False,
     probabilities: bool = False,
     devices: int | str | Sequence[str] = 1,
@@ -544,15 +558,23 @@ def detect_changes(
         model: a change run folder (``geocmid train change``) or a loaded :class:`ChangeModel`.
         encoder: instead of ``model``, an encoder for label-free detection (per-pixel distance
             of the two dates' features, thresholded by Otsu's method by default).
-        out_dir: folder receiving ``<name>.gpkg`` per pair (and the rasters asked for), created
-            if missing; None writes nothing and only returns the polygons.
+        out_dir: folder receiving ``<name>.gpkg`` per pair (and the rasters asked for) and the
+            run table ``run.parquet``, created if missing; None writes nothing and only
+            returns the polygons.
+        shard: ``(I, N)``: only every N-th pair from the I-th (0-based), for array jobs; the
+            run table is then ``run-<I>-of-<N>.parquet``.
+        client: where the pairs run: a :class:`distributed.Client`, a scheduler address
+            (``'tcp://host:8786'``), ``'local'`` (an embedded cluster) or ``'none'`` (here);
+            None: here, unless several ``devices`` or ``workers`` start an embedded cluster.
+            Each worker loads the model once from its files.
+        workers: CPU workers of an embedded cluster, one torch thread each.
         raster: also write ``<name>_change.tif``, the binary change COG.
         probabilities: also write ``<name>_score.tif``, the change-score COG.
-        devices: the number of GPUs to spread the pairs over, one worker process each
+        devices: the number of GPUs of an embedded cluster, one worker each pinned to its GPU
             (``cuda:0`` ... ``cuda:N-1``), or the devices themselves (``['cuda:1', 'cuda:3']``;
-            ``['cpu', 'cpu']`` for two CPU workers); each worker loads the model from its
-            files. 1: the pairs run here on ``device``.
-        device: the device of a single-device run; 'auto' picks CUDA when available.
+            ``['cpu', 'cpu']`` for two CPU workers). 1: the pairs run on ``device``.
+        device: the device of the pairs run here or on a scheduler's workers; 'auto' picks
+            CUDA when available.
         fail_fast: stop at the first bad pair; otherwise report it through ``on_error`` and
             go on with the others.
         on_error: called with a pair's name and its error when ``fail_fast`` is False.
@@ -576,7 +598,7 @@ def detect_changes(
             named in the message.
     """
     check_resume(overwrite, skip_existing)
-    workers = worker_devices(devices, device)
+    several = worker_devices(devices, device) if devices != 1 else []
     records = pair_records(pairs)
     loaded = model if isinstance(model, ChangeModel) else change_model(model, encoder=encoder)
     folder = None if out_dir is None else output_folder(out_dir)
@@ -594,11 +616,17 @@ def detect_changes(
             folder / f'{name}_score.tif' if probabilities else None,
         )
 
-    return predict_many(
-        CHANGE, {record.name: record for record in records}, loaded, outputs, workers=workers,
-        fail_fast=fail_fast, on_error=on_error, on_skip=on_skip,
-        progress=progress, overwrite=overwrite, skip_existing=skip_existing, **settings,
-    )  # fmt: skip
+    items = {record.name: record for record in records}
+    count = len(take_shard(items, shard) if shard else items)
+    with placement(
+        client, devices=several, workers=workers, device=str(device), inputs=count
+    ) as where:
+        return predict_many(
+            CHANGE, items, loaded, outputs, placement=where, shard=shard,
+            run_table=None if folder is None else run_table_path(folder, shard),
+            fail_fast=fail_fast, on_error=on_error, on_skip=on_skip, progress=progress,
+            overwrite=overwrite, skip_existing=skip_existing, **settings,
+        )  # fmt: skip
 
 
 def _named(record: PairRecord, error: InputError) -> InputError:

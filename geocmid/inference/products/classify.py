@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pandas as pd
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from geocmid.datasets.chips import ChipFolder, select_bands
-from geocmid.inference.devices import resolve_device
+from geocmid.inference.features import extract_features
 from geocmid.inference.onnx_model import load_model
 from geocmid.inference.tta import check_tta, with_tta
 from geocmid.io.atomic import atomic_output, check_writable
@@ -58,7 +54,9 @@ def classify_folder(
     assert card.classes is not None and card.mean is not None and card.std is not None
     chips = ChipFolder(images, size=card.patch_size)
     select_bands(chips, card.band_indices)
-    logits = _logits(model, chips, card.mean, card.std, batch_size, workers, device)
+    logits = extract_features(
+        model, chips, card.mean, card.std, batch_size=batch_size, workers=workers, device=device
+    )
     probabilities = logits.double().softmax(dim=1)
     best, index = probabilities.max(dim=1)
     names = [c.name for c in card.classes]
@@ -74,23 +72,3 @@ def classify_folder(
         with atomic_output(output, overwrite=overwrite) as tmp:
             table.to_csv(tmp, index=False, float_format='%.6f')
     return table
-
-
-@torch.inference_mode()
-def _logits(
-    model: nn.Module,
-    chips: ChipFolder,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    workers: int,
-    device: torch.device | str,
-) -> Tensor:
-    """The model's float32 logits ``(N, K)`` for every chip, normalised, in folder order."""
-    # Not evaluation's extract_features: evaluation imports inference, never the reverse.
-    where = resolve_device(device)
-    model = model.eval().to(where)
-    shift = torch.tensor(list(mean), dtype=torch.float32, device=where)[:, None, None]
-    scale = torch.tensor(list(std), dtype=torch.float32, device=where)[:, None, None]
-    loader = DataLoader(chips, batch_size=batch_size, shuffle=False, num_workers=workers)
-    return torch.cat([model((b['image'].to(where) - shift) / scale).float().cpu() for b in loader])

@@ -3,13 +3,17 @@
 Each row holds the window's footprint in the raster's CRS, computed from the raster's float64
 geotransform (corner by corner, so rotated grids stay exact), the source file, the window's
 pixel offsets and size, the share of valid pixels, and the globally average-pooled feature
-vector. Windows without any valid pixel are skipped.
+vector. Windows without any valid pixel are skipped. Many rasters may be embedded on the
+workers of a Dask cluster (:mod:`~geocmid.inference.cluster`), one raster per job, each worker
+loading the encoder once; the table is put together, in raster order, in this process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import geopandas as gpd
 import numpy as np
@@ -19,17 +23,23 @@ import torch
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
+from torch import nn
 
 from geocmid.errors import InputError
-from geocmid.inference.devices import resolve_device
+from geocmid.inference.cluster import placement
 from geocmid.inference.encoders import global_average_pooled, seeded_encoder
+from geocmid.inference.jobs import run_jobs
+from geocmid.inference.runtable import RunTable
 from geocmid.inference.tiling import window_starts
 from geocmid.io.atomic import atomic_output, check_writable
-from geocmid.progress import progress_bar
+from geocmid.io.cards import ModelCard
 from geocmid.raster.files import ValidityRule, crs_name, find_rasters, raster_band_stats
 from geocmid.raster.scene import SceneReader, open_scene
 from geocmid.raster.stats import BandStats
 from geocmid.types import PathLike
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 #: Pixels read per raster to estimate band statistics for an encoder whose card has none.
 STATS_PIXELS = 2**20
@@ -70,6 +80,8 @@ def embed(
     device: torch.device | str = 'auto',
     overwrite: bool = False,
     progress: bool = False,
+    client: Client | str | None = None,
+    workers: int | None = None,
 ) -> gpd.GeoDataFrame:
     """Embed every window of a grid over each raster with a frozen encoder.
 
@@ -86,7 +98,11 @@ def embed(
         batch_size: Windows per forward pass.
         device: Where the encoder runs; ``'auto'`` picks CUDA when available.
         overwrite: Replace an existing ``output``.
-        progress: Show a progress bar per raster.
+        progress: Show a progress bar over the rasters.
+        client: Where the rasters are embedded: a :class:`distributed.Client`, a scheduler
+            address, ``'local'`` (an embedded cluster) or ``'none'`` (here, the default).
+            With an ``output``, the run table ``<output stem>.run.parquet`` is written too.
+        workers: CPU workers of an embedded cluster, one torch thread each.
 
     Returns:
         One row per window with valid pixels: ``source``, ``row``, ``col``, ``height``,
@@ -116,33 +132,72 @@ def embed(
     else:  # a random encoder's card fixes no normalisation: standardise with the rasters'
         mean, std = _band_statistics(files, indexes)
 
-    model = global_average_pooled(model).eval().to(resolve_device(device))
-    rows: list[dict[str, object]] = []
-    footprints: list[shapely.Polygon] = []
-    for path in files:
-        with SceneReader(path, bands=indexes, mean=mean, std=std) as reader:
-            windows = grid_windows(reader.height, reader.width, tile, stride)
-            bar = progress_bar(windows, desc=path.name, unit='window', disable=not progress)
-            for window, fraction, vector in _embed_windows(model, reader, bar, batch_size):
-                rows.append(
-                    {
-                        'source': str(path),
-                        'row': int(window.row_off),
-                        'col': int(window.col_off),
-                        'height': int(window.height),
-                        'width': int(window.width),
-                        'valid_fraction': fraction,
-                        'embedding': vector,
-                    }
-                )
-                footprints.append(window_footprint(reader.transform, window))
-            bar.close()
-    table = gpd.GeoDataFrame(
+    embed_file = partial(_embed_file, indexes=indexes, mean=mean, std=std, tile=tile,
+                         stride=stride, batch_size=batch_size)  # fmt: skip
+    jobs = {str(path): path for path in files}
+    table = None
+    if output is not None:
+        log = Path(output).with_name(f'{Path(output).stem}.run.parquet')
+        table = RunTable(log, {name: [name] for name in jobs}, {name: [output] for name in jobs})
+    with placement(client, workers=workers, device=str(device), inputs=len(files)) as where:
+        if where.client is None:  # the encoder loaded here runs here
+            runner = partial(_file_embedder, lambda: model, embed_file)
+        else:  # each worker loads it once
+            runner = partial(_file_embedder, partial(seeded_encoder, encoder, bands), embed_file)
+        parts = run_jobs(
+            jobs, runner, placement=where, progress=progress, unit='raster', table=table
+        )
+    rows = [row for part, _ in parts.values() for row in part]
+    footprints = [footprint for _, part in parts.values() for footprint in part]
+    frame = gpd.GeoDataFrame(
         pd.DataFrame(rows, columns=[*COLUMNS, 'embedding']), geometry=footprints, crs=crs
     )
     if output is not None:
-        write_embeddings(table, output, overwrite=overwrite)
-    return table
+        write_embeddings(frame, output, overwrite=overwrite)
+    return frame
+
+
+def _file_embedder(
+    load: Callable[[], nn.Module | tuple[nn.Module, ModelCard]],
+    embed_file: Callable[..., tuple[list[dict[str, object]], list[shapely.Polygon]]],
+    device: torch.device,
+) -> Callable[[Path], tuple[list[dict[str, object]], list[shapely.Polygon]]]:
+    """The job of one device: embed a raster with the encoder ``load`` gives, loaded once."""
+    loaded = load()
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    return partial(embed_file, global_average_pooled(model).eval().to(device))
+
+
+def _embed_file(
+    model: nn.Module,
+    path: Path,
+    *,
+    indexes: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    tile: int,
+    stride: int,
+    batch_size: int,
+) -> tuple[list[dict[str, object]], list[shapely.Polygon]]:
+    """The rows and footprints of every window of one raster with a valid pixel."""
+    rows: list[dict[str, object]] = []
+    footprints: list[shapely.Polygon] = []
+    with SceneReader(path, bands=indexes, mean=mean, std=std) as reader:
+        windows = grid_windows(reader.height, reader.width, tile, stride)
+        for window, fraction, vector in _embed_windows(model, reader, windows, batch_size):
+            rows.append(
+                {
+                    'source': str(path),
+                    'row': int(window.row_off),
+                    'col': int(window.col_off),
+                    'height': int(window.height),
+                    'width': int(window.width),
+                    'valid_fraction': fraction,
+                    'embedding': vector,
+                }
+            )
+            footprints.append(window_footprint(reader.transform, window))
+    return rows, footprints
 
 
 @torch.inference_mode()

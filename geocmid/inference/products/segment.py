@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pyproj import CRS
@@ -29,6 +29,7 @@ from torch import nn
 
 from geocmid.errors import InputError
 from geocmid.inference.bands import model_bands
+from geocmid.inference.cluster import placement
 from geocmid.inference.dense import (
     DenseOutputs,
     DenseProduct,
@@ -38,8 +39,10 @@ from geocmid.inference.dense import (
 )
 from geocmid.inference.devices import worker_devices
 from geocmid.inference.jobs import ErrorHandler, SkipHandler
+from geocmid.inference.manifest import read_manifest, take_shard
 from geocmid.inference.onnx_model import is_onnx, load_model
 from geocmid.inference.outputs import check_outputs, check_resume, output_folder, unique_names
+from geocmid.inference.runtable import run_table_path
 from geocmid.inference.tiling import Blend
 from geocmid.io.cards import ClassInfo, ModelCard
 from geocmid.models.weights import sha256_file
@@ -47,6 +50,9 @@ from geocmid.raster.files import BandSelection, find_rasters
 from geocmid.raster.scene import SceneReader, open_scene
 from geocmid.raster.units import metres_to_crs_units
 from geocmid.types import PathLike
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 #: ``'scene'`` (or None): the scene's own grid; ``'model'``: the card's ground resolution; a
 #: number: that resolution in metres. Outputs always come back on the scene's grid.
@@ -287,10 +293,14 @@ def segment_scene(
 
 
 def segment_scenes(
-    scenes: PathLike | Iterable[PathLike],
+    scenes: PathLike | Iterable[PathLike] | None,
     model: PathLike | SegmentationModel,
     out_dir: PathLike,
     *,
+    inputs: PathLike | None = None,
+    shard: tuple[int, int] | None = None,
+    client: Client | str | None = None,
+    workers: int | None = None,
     probabilities: bool = False,
     devices: int | str | Sequence[str] = 1,
     device: torch.device | str = 'auto',
@@ -306,22 +316,36 @@ def segment_scenes(
 
     Every scene and its outputs are checked before the first scene is segmented. Scenes whose
     stems repeat get ``_2``, ``_3``... (see :func:`~geocmid.inference.outputs.unique_names`).
+    The output folder also receives the run table ``run.parquet`` (:mod:`~.runtable`).
 
-    Example::
+    Example, on a Dask cluster::
 
-        results = segment_scenes('tiles/*.tif', 'runs/seg', 'maps/', min_area=20)
+        from distributed import Client
+
+        with Client('tcp://scheduler:8786') as client:
+            results = segment_scenes('tiles/*.tif', 'runs/seg', 'maps/', client=client)
         for name, result in results.items():
             print(name, len(result.polygons))
 
     Args:
-        scenes: files, folders (searched recursively) or glob patterns.
+        scenes: files, folders (searched recursively) or glob patterns; None with ``inputs``.
         model: a run folder of ``geocmid train segment`` or a loaded model.
         out_dir: the output folder, created if missing.
+        inputs: a manifest (:func:`~geocmid.inference.manifest.read_manifest`) of further
+            scenes; a scene it lists that is missing fails on its own, the others run.
+        shard: ``(I, N)``: segment only every N-th scene from the I-th (0-based), for array
+            jobs; the run table is then ``run-<I>-of-<N>.parquet``.
+        client: where the scenes run: a :class:`distributed.Client`, a scheduler address
+            (``'tcp://host:8786'``), ``'local'`` (an embedded cluster) or ``'none'`` (here);
+            None: here, unless several ``devices`` or ``workers`` start an embedded cluster.
+            Each worker loads the model once from its files.
+        workers: CPU workers of an embedded cluster, one torch thread each.
         probabilities: also write ``<name>_probabilities.tif``.
-        devices: the number of GPUs to spread the scenes over, one worker process each
+        devices: the number of GPUs of an embedded cluster, one worker each pinned to its GPU
             (``cuda:0`` ... ``cuda:N-1``), or the devices themselves (``['cuda:1', 'cuda:3']``;
-            ``['cpu', 'cpu']`` for two CPU workers). 1: the scenes run here on ``device``.
-        device: the device of a single-device run; 'auto' picks CUDA when available.
+            ``['cpu', 'cpu']`` for two CPU workers). 1: the scenes run on ``device``.
+        device: the device of the scenes run here or on a scheduler's workers; 'auto' picks
+            CUDA when available.
         fail_fast: stop at the first bad scene; otherwise report it through ``on_error`` and
             go on with the others.
         on_error: called with a scene's name and its error when ``fail_fast`` is False.
@@ -342,20 +366,30 @@ def segment_scenes(
             ``overwrite``; with ``fail_fast``, the first bad scene.
     """
     check_resume(overwrite, skip_existing)
-    workers = worker_devices(devices, device)
+    several = worker_devices(devices, device) if devices != 1 else []
     loaded = model if isinstance(model, SegmentationModel) else SegmentationModel.load(model)
-    paths = find_scenes(scenes)
+    paths = [] if scenes is None or scenes == () else find_scenes(scenes)
+    if inputs is not None:
+        paths += read_manifest(inputs)
+    if not paths:
+        raise InputError('SCENE', 'no scene given')
     folder = output_folder(out_dir)
 
     def outputs(name: str) -> DenseOutputs:
         scores = folder / f'{name}{PROBABILITIES_SUFFIX}.tif' if probabilities else None
         return DenseOutputs(folder / f'{name}.gpkg', folder / f'{name}.tif', scores)
 
-    return predict_many(
-        SEGMENTATION, dict(zip(unique_names(paths), paths, strict=True)), loaded, outputs,
-        workers=workers, fail_fast=fail_fast, on_error=on_error, on_skip=on_skip,
-        progress=progress, overwrite=overwrite, skip_existing=skip_existing, **settings,
-    )  # fmt: skip
+    items = dict(zip(unique_names(paths), paths, strict=True))
+    count = len(take_shard(items, shard) if shard else items)
+    with placement(
+        client, devices=several, workers=workers, device=str(device), inputs=count
+    ) as where:
+        return predict_many(
+            SEGMENTATION, items, loaded, outputs, placement=where, shard=shard,
+            run_table=run_table_path(folder, shard), fail_fast=fail_fast, on_error=on_error,
+            on_skip=on_skip, progress=progress, overwrite=overwrite,
+            skip_existing=skip_existing, **settings,
+        )  # fmt: skip
 
 
 def _scene_files(scene: Path) -> list[Path]:

@@ -176,7 +176,9 @@ class PretrainTask(BaseTask):
         for teacher, student in self.teacher_pairs():
             update_momentum(student, teacher, momentum)
 
-    def log_losses(self, loss: Tensor, terms: dict[str, Tensor | float], batch_size: int) -> None:
+    def log_losses(
+        self, loss: Tensor, terms: Mapping[str, Tensor | float], batch_size: int
+    ) -> None:
         """Log the total loss (on the progress bar), its terms, the learning rate and momentum.
 
         Args:
@@ -186,8 +188,8 @@ class PretrainTask(BaseTask):
         """
         self.log('train_loss', loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(
-            terms
-            | {
+            {
+                **terms,
                 'lr': self.trainer.optimizers[0].param_groups[0]['lr'],
                 'momentum': self.momentum(self.global_step),
             },
@@ -237,6 +239,7 @@ class PretrainTask(BaseTask):
         # set Lightning has not loaded it yet.
         trainer.fit_loop.setup_data()
         loader = trainer.train_dataloader
+        assert loader is not None  # setup_data() above created it
         if isinstance(loader, Mapping):
             # Several loaders (GeRSP: patches and natural images): the first sets the batch.
             loader = next(iter(loader.values()))

@@ -307,8 +307,10 @@ class CMID(PretrainTask):
 
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """Encoder, projector and local head: parameters only, never the mask token."""
+        teacher_encoder = self.teacher['encoder']
+        assert isinstance(teacher_encoder, MaskedEncoder)  # a copy of self.student
         return [
-            (self.teacher['encoder'].encoder, self.student.encoder),
+            (teacher_encoder.encoder, self.student.encoder),
             (self.teacher['projector'], self.projector),
             (self.teacher['local_head'], self.local_head),
         ]

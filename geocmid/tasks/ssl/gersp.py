@@ -47,8 +47,9 @@ def _rgb_positions(band_names: Sequence[str], rgb_bands: Sequence[int | str] | N
             next((i for i, name in enumerate(lowered) if name in aliases), None)
             for aliases in COLOUR_NAMES
         ]
-        if all(position is not None for position in found):
-            return found  # type: ignore[return-value]
+        positions = [position for position in found if position is not None]
+        if len(positions) == len(found):
+            return positions
         if len(band_names) == 3:
             rank_zero_warn(
                 f'no bands named red, green, blue (bands: {listed}); natural images are mapped '

@@ -1,4 +1,7 @@
-"""Frozen features: every chip of a dataset through an encoder, normalised as its card says."""
+"""A network's outputs for every image of a dataset, normalised as its card says.
+
+Evaluation takes frozen encoder features this way, ``geocmid classify`` a classifier's logits.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,7 @@ from torchgeo.datasets.utils import Sample
 
 from geocmid.inference.devices import resolve_device
 
-__all__ = ('DEFAULT_SIZE', 'extract_features')
-
-#: Image side used when the encoder's card fixes no patch size (random encoders).
-DEFAULT_SIZE = 224
+__all__ = ('extract_features',)
 
 
 @torch.inference_mode()
@@ -28,7 +28,7 @@ def extract_features(
     workers: int = 0,
     device: torch.device | str = 'auto',
 ) -> Tensor:
-    """Features of every image of ``dataset``, in dataset order.
+    """The outputs of ``encoder`` (features, logits) for every image of ``dataset``, in order.
 
     Args:
         encoder: The network, e.g. from
@@ -41,7 +41,7 @@ def extract_features(
         device: Where the encoder runs; ``'auto'`` picks CUDA when available.
 
     Returns:
-        float32 (N, D) features on the CPU.
+        float32 (N, D) outputs on the CPU.
     """
     device = resolve_device(device)
     encoder = encoder.eval().to(device)
