@@ -98,7 +98,7 @@ def main() -> None:
 
     root = args.data / 'landsat_taizhou_nanjing'
     totals: dict[str, np.ndarray] = {}
-    rows = []
+    print(f'{"pair":10s} {"method":34s} F1', flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, (first, second) in LANDSAT.items():
@@ -126,20 +126,20 @@ def main() -> None:
             for label, spec in variants:
                 method = label.split(',')[0]
                 labels = work / name / f'{method}-{spec.replace(":", "_").replace("/", "_")}.tif'
+                # A random encoder has no card to say the bands: all six, as pretrained.
+                bands = ['--bands', '1,2,3,4,5,6'] if spec.startswith('random:') else []
                 run(
                     [*GEOCMID, 'change', str(before), str(after), '--encoder', spec,
                      '--method', method, '-o', str(labels.with_suffix('.gpkg')),
-                     '--raster', str(labels), '--device', 'cpu', '--quiet']
+                     '--raster', str(labels), '--device', 'cpu', '--quiet', *bands]
                 )  # fmt: skip
                 with rasterio.open(labels) as src:
                     predicted = src.read(1) == 1
                 results[label] = counts(predicted, changed, unchanged)
             for label, value in results.items():
                 totals[label] = totals.get(label, 0) + value
-                rows.append((name, label, f1(value)))
-    print(f'{"pair":10s} {"method":34s} F1')
-    for name, label, score in rows:
-        print(f'{name:10s} {label:34s} {score:.3f}')
+
+                print(f'{name:10s} {label:34s} {f1(value):.3f}', flush=True)
     for label, value in totals.items():
         print(f'{"pooled":10s} {label:34s} {f1(value):.3f}')
     anchor = f1(totals['cva (anchor, in this script)'])

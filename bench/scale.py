@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import rasterio
 import torch
 from rasterio.windows import Window
 
-from geocmid.inference.cluster import start_local_cluster
+from geocmid.inference.cluster import close, start_local_cluster
 from geocmid.inference.products.segment import segment_scenes
 from geocmid.runs.segmentation import SegmentConfig, train_segmentation
 
@@ -68,15 +69,21 @@ def make_scenes(folder: Path, count: int, size: int) -> list[Path]:
     return paths
 
 
-def timed(scenes: list[Path], model: Path, out: Path, tile: int, client: object) -> float:
-    """Seconds to segment every scene into ``out``."""
+def timed(
+    scenes: list[Path], model: Path, out: Path, tile: int, client: object
+) -> tuple[float, float]:
+    """Seconds to segment every scene into ``out``, and how many scenes ran at once on average.
+
+    The second figure is the sum of the scenes' own seconds (from the run table) over the wall
+    time: about the number of workers when they run side by side, whatever their speed.
+    """
     start = time.perf_counter()
     results = segment_scenes(
         scenes, model, out, tile=tile, client=client, progress=False, overwrite=True
     )
     seconds = time.perf_counter() - start
     assert len(results) == len(scenes), 'a scene failed'
-    return seconds
+    return seconds, float(pd.read_parquet(out / 'run.parquet')['seconds'].sum()) / seconds
 
 
 def labels(out: Path) -> dict[str, np.ndarray]:
@@ -111,15 +118,16 @@ def main() -> None:
             best = dict.fromkeys(runs, float('inf'))
             for round_ in range(args.rounds):
                 for name, client in runs.items():
-                    seconds = timed(scenes, model, folder / name, args.tile, client)
+                    seconds, at_once = timed(scenes, model, folder / name, args.tile, client)
                     best[name] = min(best[name], seconds)
-                    print(f'round {round_}: {name} {seconds:.2f} s '
-                          f'({seconds / len(scenes):.2f} s/scene)')  # fmt: skip
+                    per_scene = seconds / len(scenes)
+                    print(
+                        f'round {round_}: {name} {seconds:.2f} s ({per_scene:.2f} s/scene, '
+                        f'{at_once:.2f} at once)'
+                    )
         finally:
-            for client in (one, two):
-                cluster = client.cluster
-                client.close()
-                cluster.close()
+            close(one)
+            close(two)
         reference = labels(folder / 'in_process')
         same = all(
             labels(folder / name).keys() == reference.keys()

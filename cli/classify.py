@@ -15,8 +15,10 @@ from .options import (
     echo_fine_tuning,
     freeze_encoder_option,
     hardware_options,
+    parse_bands,
     resume_option,
     run_folder_options,
+    split_list,
     training_options,
     tta_option,
 )
@@ -36,7 +38,22 @@ from .options import (
 @click.option('--device', help="Torch device, e.g. 'cpu' or 'cuda'; default CUDA if any.")
 @click.option('--overwrite', is_flag=True, help='Replace an existing output file.')
 @tta_option
-def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
+@click.option(
+    '--bands', help="Only for a .onnx file without model card: the chip bands it takes, 1-based "
+    "('1,2,3'), with --classes.",
+)  # fmt: skip
+@click.option(
+    '--classes', help="Only for a .onnx file without model card: its class names, class 0 first "
+    "('field,forest,urban'), with --bands.",
+)  # fmt: skip
+def classify(
+    images: Path,
+    model: Path,
+    output: Path,
+    bands: str | None,
+    classes: str | None,
+    **options: Any,
+) -> None:
     """Predict the class of every chip under IMAGES, writing one CSV row per chip.
 
     Columns: path (relative to IMAGES), class, probability, then p_<class> for every class.
@@ -45,7 +62,9 @@ def classify(images: Path, model: Path, output: Path, **options: Any) -> None:
     from geocmid.inference.products.classify import classify_folder
 
     given = {key: value for key, value in options.items() if value is not None}
-    table = classify_folder(model, images, output, **given)
+    table = classify_folder(
+        model, images, output, bands=parse_bands(bands), classes=split_list(classes), **given
+    )
     counts = ', '.join(f'{name} {count}' for name, count in table['class'].value_counts().items())
     click.echo(f'{len(table)} chips classified ({counts}): {output}')
 

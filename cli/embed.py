@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
-from .options import BANDS, POSITIVE, check_output, cluster_options, scene_inputs
+from .options import BANDS, POSITIVE, check_output, cluster_options, remote_output, scene_inputs
 
 
 @click.command()
 @scene_inputs('rasters')
+@remote_output('output')
 @click.option(
     '--rasters',
     required=True,

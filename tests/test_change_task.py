@@ -152,7 +152,7 @@ def test_train_change_writes_a_loadable_run(tmp_path: Path) -> None:
     network, loaded = load_change_model(tmp_path / 'run')
     assert loaded.task == 'change'
     assert network(torch.zeros(1, 2, 3, 32, 32)).shape == (1, 1, 32, 32)
-    with pytest.raises(InputError, match='run folder exists and is not empty; use --overwrite'):
+    with pytest.raises(InputError, match='not empty; use --resume or --overwrite'):
         train_change(config, progress=False)
 
 

@@ -231,7 +231,7 @@ def test_bad_input_exits_2(
         case 'exists':
             output.mkdir()
             (output / 'notes.txt').write_text('keep me')
-            culprit, problem = output, 'use --overwrite'
+            culprit, problem = output, 'use --resume or --overwrite'
 
     code = run(
         [

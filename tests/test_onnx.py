@@ -154,6 +154,18 @@ def test_classify_with_onnx_gives_the_torch_table(runs: dict[str, Path], tmp_pat
     second = classify_folder(path, tmp_path / 'chips', device='cpu')
     assert list(first['class']) == list(second['class'])
     assert np.abs(first['p_roof'] - second['p_roof']).max() <= 1e-3
+    # Without its card, the file classifies only when --bands and --classes say what it takes.
+    bare = tmp_path / 'bare.onnx'
+    proto = onnx.load_model(path)
+    del proto.metadata_props[:]
+    onnx.save_model(proto, bare)
+    with pytest.raises(InputError, match='--bands and --classes'):
+        classify_folder(bare, tmp_path / 'chips', device='cpu')
+    named = classify_folder(
+        bare, tmp_path / 'chips', device='cpu', bands=[1, 2, 3], classes=['ground', 'roof']
+    )
+    assert set(named['class']) <= {'ground', 'roof'} and len(named) == 4
+    assert list(named.columns[-2:]) == ['p_ground', 'p_roof']
 
 
 def test_encoder_export_gives_its_features(tmp_path: Path) -> None:

@@ -162,13 +162,19 @@ def test_sigterm_saves_at_a_step_boundary_and_resumes(
     rasters: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
     run_dir = tmp_path / 'run'
-    # Lightning handles SIGTERM once the trainer runs, which is when it writes hparams.yaml.
-    started = run_dir / 'logs' / 'version_0' / 'hparams.yaml'
     args = (*RUN_ARGS[:-1], '100')  # only the SIGTERM (and the end) write last.ckpt
-    process = subprocess.Popen(command(rasters, run_dir, *args), env=environment())
+    process = subprocess.Popen(
+        command(rasters, run_dir, *args), env=environment(), stdout=subprocess.PIPE, text=True
+    )
     try:
-        wait_for(started.is_file, process)
+        # Lightning handles SIGTERM from just before training starts, when the run prints its
+        # learning-rate rule (hparams.yaml is written a moment before the handler is set).
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith('learning rate:'):
+                break
         process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=TIMEOUT)
     finally:
         process.wait(TIMEOUT)
     assert process.returncode == 128 + signal.SIGTERM
@@ -390,3 +396,22 @@ def test_train_resume_without_checkpoint(
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and 'last.ckpt' in error[0] and 'no checkpoint' in error[0]
+
+
+def test_epoch_end_checkpoints_are_at_most_one_a_minute(monkeypatch, tmp_path) -> None:
+    """Short epochs must not spend their time writing (large) checkpoints."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from geocmid.runs import folders
+
+    saves: list[float] = []
+    monkeypatch.setattr(
+        ModelCheckpoint, 'on_train_epoch_end', lambda self, trainer, module: saves.append(now[0])
+    )
+    now = [1000.0]
+    monkeypatch.setattr(folders.time, 'monotonic', lambda: now[0])
+    callback = folders.EpochCheckpoint(dirpath=tmp_path, every_n_epochs=1)
+    for seconds in (0.0, 5.0, 30.0, 61.0, 62.0, 125.0):
+        now[0] = 1000.0 + seconds
+        callback.on_train_epoch_end(None, None)  # type: ignore[arg-type]
+    assert saves == [1000.0, 1061.0, 1125.0]

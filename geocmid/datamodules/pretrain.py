@@ -283,7 +283,8 @@ class PretrainDataModule(BaseDataModule):
             return {}
         loop = trainer.fit_loop
         epoch = loop.epoch_progress.current.completed
-        batches = loop.epoch_loop.batch_progress.current.processed
+        # Batches fetched and trained on: checkpoints are saved between steps, never inside one.
+        batches = loop.epoch_loop.batch_progress.current.ready
         if batches >= trainer.num_training_batches:
             epoch, batches = epoch + 1, 0
         return {'epoch': epoch, 'batches': batches}

@@ -120,6 +120,7 @@ def start_local_cluster(devices: Sequence[str]) -> Client:
     A GPU worker sees only its GPU (``CUDA_VISIBLE_DEVICES``); a CPU worker runs torch on one
     thread, so that N workers use N cores without oversubscribing them.
     """
+    from dask.config import set as config_set
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
     visible = os.environ.get('CUDA_VISIBLE_DEVICES')
@@ -145,8 +146,23 @@ def start_local_cluster(devices: Sequence[str]) -> Client:
         'cls': Scheduler,
         'options': {'host': '127.0.0.1', 'port': 0, 'dashboard': False, 'dashboard_address': ':0'},
     }
-    cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)
+    with config_set({'distributed.nanny.pre-spawn-environ': _pre_spawn_environ()}):
+        cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)
     return Client(cluster, set_as_default=False)
+
+
+def _pre_spawn_environ() -> dict[str, object]:
+    """Dask's environment for new worker processes, less its ``MALLOC_TRIM_THRESHOLD_``.
+
+    Setting that variable turns off glibc's adaptive mmap threshold, so every large tensor is
+    allocated and freed by mmap: the U-Net of bench/scale.py then runs 1.9 times slower on a
+    worker than in this process (BENCHMARKS.md, "Many scenes on a Dask cluster").
+    """
+    from dask.config import get as config_get
+
+    environ = dict(config_get('distributed.nanny.pre-spawn-environ', {}))
+    environ.pop('MALLOC_TRIM_THRESHOLD_', None)
+    return environ
 
 
 def connect(address: str, timeout: float = CONNECT_TIMEOUT) -> Client:
@@ -212,7 +228,18 @@ def placement(
     try:
         yield Placement(client, device)
     finally:
-        cluster_object = client.cluster
+        close(client)
+
+
+def close(client: Client) -> None:
+    """Close a client and the embedded cluster it started, without logging the shutdown."""
+    quiet = logging.getLogger('distributed')
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        cluster = client.cluster
         client.close()
-        if cluster_object is not None:
-            cluster_object.close()
+        if cluster is not None:
+            cluster.close()
+    finally:
+        quiet.setLevel(level)

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +134,10 @@ def run_jobs[J, R](
                 for name, outcome in _on_cluster(jobs, runner, placement):
                     if isinstance(outcome, Outcome):
                         finish(name, outcome)
+                    elif isinstance(outcome, BaseException):  # a defect: the run stops
+                        if table is not None:
+                            table.failed(name, f'{type(outcome).__name__}: {outcome}')
+                        raise outcome
                     else:
                         lost.append(name)
                         if table is not None:
@@ -157,8 +161,13 @@ def _timed[J, R](run: Callable[[J], R], job: J, worker: str) -> Outcome[R]:
     return Outcome(result, error, time.perf_counter() - start, worker)
 
 
-def _on_cluster[J, R](jobs: Mapping[str, J], runner: RunnerFactory[J, R], placement: Placement):
-    """Yield ``(name, Outcome)``, or ``(name, why)`` for an input lost with its workers.
+def _on_cluster[J, R](
+    jobs: Mapping[str, J], runner: RunnerFactory[J, R], placement: Placement
+) -> Iterator[tuple[str, Outcome[R] | str | Exception]]:
+    """Yield ``(name, outcome)`` as the workers finish the jobs.
+
+    The outcome is an :class:`Outcome`; why an input was lost with its workers; or the
+    exception of a job that raised anything but :class:`InputError`.
 
     Leaving the generator early (the caller raising on a bad input) cancels the jobs not yet
     finished; outputs are atomic, so a cancelled job leaves none half-written.
@@ -182,6 +191,8 @@ def _on_cluster[J, R](jobs: Mapping[str, J], runner: RunnerFactory[J, R], placem
                 yield name, future.result()
             except KilledWorker as exc:
                 yield name, f'its worker died while running it, more often than allowed ({exc})'
+            except Exception as exc:  # noqa: BLE001 - recorded in the run table, then raised
+                yield name, exc
     finally:
         client.cancel(list(futures))
 

@@ -173,6 +173,7 @@ def stack_vrt(
             source, f'bands in different CRSs ({", ".join(sorted(crss))}) cannot share one grid'
         )
     finest = min(grids.values(), key=lambda g: g.transform.a * -g.transform.e)
+    assert finest.crs is not None  # probe() refuses rasters without one
     if resolution is not None and not resolution > 0:
         raise InputError(source, f'resolution must be positive, got {resolution}')
     xres = resolution or finest.transform.a

@@ -7,10 +7,12 @@ runs, and :mod:`geocmid.runs.artefacts` names them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +41,9 @@ Precision = Literal['auto', '32', 'bf16-mixed', '16-mixed']
 LAST_CHECKPOINT = 'last.ckpt'
 
 #: Default cadence of ``last.ckpt``: this much training time, or each epoch, whichever comes first.
+#: Epoch-end checkpoints closer together than this are skipped (see :class:`EpochCheckpoint`).
+MIN_EPOCH_CHECKPOINT_SECONDS = 60.0
+
 DEFAULT_CHECKPOINT_TIME = timedelta(minutes=10)
 
 _DURATION = re.compile(r'(\d+)\s*(sec|min|s|m|h)')
@@ -191,6 +196,7 @@ def build_trainer(
     progress: bool = True,
     num_nodes: int = 1,
     checkpoint_every: str | int | None = None,
+    extra_callbacks: Iterable[lightning.Callback] = (),
 ) -> lightning.Trainer:
     """The Lightning trainer of a run, logging CSV into ``run_dir/logs``.
 
@@ -211,6 +217,7 @@ def build_trainer(
         num_nodes: Number of machines; Lightning finds the others through its cluster
             environments (SLURM, torchrun/TorchElastic).
         checkpoint_every: Cadence of ``last.ckpt`` (see :func:`checkpoint_interval`).
+        extra_callbacks: The run's own callbacks, added to the shared ones.
     """
     if epochs is None:
         epochs = -1 if max_steps is not None else default_epochs
@@ -220,6 +227,7 @@ def build_trainer(
         callbacks += checkpoint_callbacks(checkpoint_dir, checkpoint_interval(checkpoint_every))
     if progress:
         callbacks.append(progress_callback())
+    callbacks += extra_callbacks
     return lightning.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -287,12 +295,36 @@ def checkpoint_callbacks(
         )
 
     if every is None:
-        triggers = [last(train_time_interval=DEFAULT_CHECKPOINT_TIME), last(every_n_epochs=1)]
+        each_epoch = EpochCheckpoint(
+            dirpath=checkpoint_dir, filename=Path(LAST_CHECKPOINT).stem, monitor=None,
+            save_top_k=1, enable_version_counter=False, every_n_epochs=1,
+        )  # fmt: skip
+        triggers = [last(train_time_interval=DEFAULT_CHECKPOINT_TIME), each_epoch]
     elif isinstance(every, timedelta):
         triggers = [last(train_time_interval=every)]
     else:
         triggers = [last(every_n_train_steps=every)]
     return [*triggers, PreemptionCheckpoint(checkpoint_dir / LAST_CHECKPOINT), RandomStates()]
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` at the end of each epoch, but not within a minute of the previous one.
+
+    Short epochs (a few steps on a small dataset) would otherwise spend their time writing
+    checkpoints: a CMID checkpoint with its key queue and Adan state is hundreds of megabytes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_save = -math.inf
+
+    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: Any) -> None:
+        """Save unless a save happened less than :data:`MIN_EPOCH_CHECKPOINT_SECONDS` ago."""
+        now = time.monotonic()
+        if now - self._last_save < MIN_EPOCH_CHECKPOINT_SECONDS:
+            return
+        self._last_save = now
+        super().on_train_epoch_end(trainer, pl_module)
 
 
 class PreemptionCheckpoint(Checkpoint):

@@ -25,7 +25,6 @@ from typing import Any
 
 import lightning
 from lightning.pytorch.utilities import rank_zero_only
-from torchgeo.tasks import BaseTask
 
 from geocmid import __version__
 from geocmid.datamodules.gersp import GeRSPDataModule
@@ -123,7 +122,7 @@ class Method:
     """A pretraining method: its task class and the task arguments a run derives for it.
 
     Attributes:
-        task_class: The Lightning task, a :class:`torchgeo.tasks.BaseTask`.
+        task_class: The Lightning task, a :class:`~geocmid.tasks.ssl.base.PretrainTask`.
         run_keys: Task arguments the run sets from its settings and data (backbone, bands,
             normalisation...), so the ``task`` section of a config may not contain them.
         run_arguments: Maps the run settings and the data to those arguments.
@@ -131,7 +130,7 @@ class Method:
         data_arguments: Maps the run settings to the data module's extra arguments.
     """
 
-    task_class: type[BaseTask]
+    task_class: type[PretrainTask]
     run_keys: tuple[str, ...]
     run_arguments: Callable[[PretrainConfig, PretrainDataModule], dict[str, Any]]
     data_class: type[PretrainDataModule] = PretrainDataModule
@@ -203,9 +202,8 @@ def load_pretrain_config(
     ignored = (ignored,) if isinstance(ignored, str) else tuple(ignored)
     hints = signature_hints(method.task_class.__init__, exclude=method.run_keys + ignored)
     task = parse_values(config.task, hints, config_file or 'command line', section='task')
-    if issubclass(method.task_class, PretrainTask):
-        # Every setting is checked here, before a run folder or any data is touched.
-        method.task_class.validate_settings({'patch_size': config.patch_size, **task})
+    # Every setting is checked here, before a run folder or any data is touched.
+    method.task_class.validate_settings({'patch_size': config.patch_size, **task})
     return dataclasses.replace(config, task=task)
 
 
@@ -246,7 +244,7 @@ def run_pretraining(
     checkpoint = run_dir / 'checkpoints' / LAST_CHECKPOINT
     resume_from = resume_checkpoint(run_dir, resume)
     # Other DDP ranks run this function again once rank 0 has filled the folder.
-    first_rank = rank_zero_only.rank == 0
+    first_rank = getattr(rank_zero_only, 'rank', 0) == 0
     if first_rank:
         check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     check_patch_size(
@@ -289,8 +287,8 @@ def run_pretraining(
         checkpoint_dir=run_dir / 'checkpoints',
         checkpoint_every=config.checkpoint_every,
         progress=progress,
+        extra_callbacks=[CardInCheckpoint(_model_card(config, data, task))],
     )
-    trainer.callbacks.append(CardInCheckpoint(_model_card(config, data, task)))
     with warnings.catch_warnings():
         if isinstance(data.sampler, ValidPatchSampler):
             # Lightning warns that a mid-epoch checkpoint restarts the epoch's data; raster
@@ -363,7 +361,7 @@ def export_encoder(run: str | os.PathLike[str], *, overwrite: bool = False) -> t
     return encoder, card_file
 
 
-def _export(task: BaseTask, card: ModelCard, encoder: Path, card_file: Path) -> None:
+def _export(task: PretrainTask, card: ModelCard, encoder: Path, card_file: Path) -> None:
     # The student, not the EMA teacher, is exported: it is the network the losses trained and
     # the one the official extract.py releases.
     save_encoder(encoder, task.encoder_state_dict(), overwrite=True)
@@ -377,7 +375,7 @@ def _method(name: str, source: str | os.PathLike[str] | None) -> Method:
     return METHODS[name]
 
 
-def _model_card(config: PretrainConfig, data: PretrainDataModule, task: BaseTask) -> ModelCard:
+def _model_card(config: PretrainConfig, data: PretrainDataModule, task: PretrainTask) -> ModelCard:
     return ModelCard(
         method=config.method,
         backbone=config.backbone,

@@ -331,8 +331,8 @@ class ValidPatchSampler(SpatialSampler):
                 bound = grid.valid_lower_bound_fast(rows[mine], cols[mine], height, width)
                 accepted[mine] = bound >= self._needed
             for k in np.flatnonzero(~accepted):  # the O(1) bound was not enough: look closer
-                bound = self._grid(files[k]).valid_lower_bound(rows[k], cols[k], height, width)
-                accepted[k] = bound >= self._needed
+                tight = self._grid(files[k]).valid_lower_bound(rows[k], cols[k], height, width)
+                accepted[k] = tight >= self._needed
             if self.roi is not None:
                 for k in np.flatnonzero(accepted):
                     box = shapely.box(*self._box(files[k], rows[k], cols[k]))

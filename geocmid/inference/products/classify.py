@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
 import torch
 
@@ -23,6 +25,8 @@ def classify_folder(
     device: torch.device | str = 'auto',
     overwrite: bool = False,
     tta: str = 'none',
+    bands: Sequence[int | str] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Predict the class of every chip in a folder (searched recursively).
 
@@ -35,6 +39,8 @@ def classify_folder(
         device: Where the model runs; ``'auto'`` picks CUDA when available.
         overwrite: Replace an existing ``output``.
         tta: Test-time augmentation: 'none', 'flips' or 'd4' (:mod:`geocmid.inference.tta`).
+        bands: Only for a ``.onnx`` file without model card: the chip bands it takes.
+        classes: Only for a ``.onnx`` file without model card: its class names.
 
     Returns:
         One row per chip, in sorted path order: ``path`` (relative to ``images``), ``class``
@@ -49,13 +55,16 @@ def classify_folder(
     check_tta(tta)
     if output is not None:
         check_writable(output, overwrite)
-    loaded = load_model(model_dir, 'classification')
+    loaded = load_model(model_dir, 'classification', bands=bands, classes=classes)
     model, card = with_tta(loaded.network, tta), loaded.card
-    assert card.classes is not None and card.mean is not None and card.std is not None
+    assert card.classes is not None
     chips = ChipFolder(images, size=card.patch_size)
     select_bands(chips, card.band_indices)
+    # A card-less ONNX file states no normalisation: its chips go in unchanged.
+    mean = card.mean if card.mean is not None else [0.0] * len(card.band_indices)
+    std = card.std if card.std is not None else [1.0] * len(card.band_indices)
     logits = extract_features(
-        model, chips, card.mean, card.std, batch_size=batch_size, workers=workers, device=device
+        model, chips, mean, std, batch_size=batch_size, workers=workers, device=device
     )
     probabilities = logits.double().softmax(dim=1)
     best, index = probabilities.max(dim=1)
