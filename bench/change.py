@@ -136,10 +136,11 @@ def main() -> None:
                 with rasterio.open(labels) as src:
                     predicted = src.read(1) == 1
                 results[label] = counts(predicted, changed, unchanged)
+                print(f'{name:10s} {label:34s} {f1(results[label]):.3f}', flush=True)
+            anchor_label = 'cva (anchor, in this script)'
+            print(f'{name:10s} {anchor_label:34s} {f1(results[anchor_label]):.3f}', flush=True)
             for label, value in results.items():
                 totals[label] = totals.get(label, 0) + value
-
-                print(f'{name:10s} {label:34s} {f1(value):.3f}', flush=True)
     for label, value in totals.items():
         print(f'{"pooled":10s} {label:34s} {f1(value):.3f}')
     anchor = f1(totals['cva (anchor, in this script)'])

@@ -199,7 +199,12 @@ def change(
     from geocmid.inference.devices import parse_devices
     from geocmid.inference.manifest import parse_shard
     from geocmid.inference.onnx_model import is_onnx, load_model
-    from geocmid.inference.products.change import ChangeModel, StackedPair, pair_records
+    from geocmid.inference.products.change import (
+        ChangeModel,
+        StackedPair,
+        pair_records,
+        random_channels,
+    )
 
     if inputs is not None:
         if pairs is not None:
@@ -221,7 +226,8 @@ def change(
         onnx = load_model(model, 'change', bands=options.get('bands'))
         loaded = ChangeModel(StackedPair(onnx.network).eval(), onnx.card, onnx.weights, False)
     else:
-        loaded = change_model(model, encoder=encoder)
+        bands = options.get('bands')
+        loaded = change_model(model, encoder=encoder, in_chans=random_channels(encoder, bands))
     if before is not None and after is not None:
         if part is not None:
             raise click.UsageError('--shard splits the pairs of --pairs')

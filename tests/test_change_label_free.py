@@ -157,3 +157,14 @@ def test_detect_changes_takes_method_and_change_fraction(pair, encoder: Path, tm
     )  # fmt: skip
     (result,) = results.values()
     assert (result.method, result.threshold_rule) == ('cva', 'fraction')
+
+
+def test_random_encoder_takes_its_channels_from_bands(pair, tmp_path: Path, capsys) -> None:
+    """A random encoder has no card: --bands says how many channels it takes."""
+    before, after = pair
+    code, out, err = run(
+        ['change', before, after, '-o', tmp_path / 'c.gpkg', '--encoder', 'random:resnet18',
+         '--bands', '1,2,3', '--quiet'], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert 'label-free fusion' in out

@@ -56,16 +56,26 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 def test_library_warnings_and_logs_are_hidden(capfd: pytest.CaptureFixture[str]) -> None:
     import lightning.pytorch  # noqa: F401 - adds Lightning's own console handler
 
-    with quiet_libraries(debug=False):
-        warnings.warn('torch says something', UserWarning, stacklevel=1)
-        logging.getLogger('rasterio._env').warning('CPLE_AppDefined in GDAL')
-        logging.getLogger('lightning.pytorch.utilities.rank_zero').info('GPU available: False')
-    assert capfd.readouterr().err == ''
-    with quiet_libraries(debug=True):
-        with pytest.warns(UserWarning):
+    # Lightning's handler keeps the stderr of whichever test imported it first; a handler of
+    # this test's own sees what would reach any stream, in every test order.
+    logger = logging.getLogger('lightning.pytorch.utilities.rank_zero')
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        with quiet_libraries(debug=False):
             warnings.warn('torch says something', UserWarning, stacklevel=1)
-        logging.getLogger('lightning.pytorch.utilities.rank_zero').info('GPU available: False')
-    assert 'GPU available: False' in capfd.readouterr().err
+            logging.getLogger('rasterio._env').warning('CPLE_AppDefined in GDAL')
+            logger.info('GPU available: False')
+        assert capfd.readouterr().err == '' and seen == []
+        with quiet_libraries(debug=True):
+            with pytest.warns(UserWarning):
+                warnings.warn('torch says something', UserWarning, stacklevel=1)
+            logger.info('GPU available: False')
+        assert seen == ['GPU available: False']
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_internal_errors_are_one_line_unless_debugging(

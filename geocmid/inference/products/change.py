@@ -55,14 +55,14 @@ from geocmid.inference.dense import (
 from geocmid.inference.devices import worker_devices
 from geocmid.inference.jobs import ErrorHandler, SkipHandler
 from geocmid.inference.manifest import take_shard
-from geocmid.inference.onnx_model import is_onnx, load_model
+from geocmid.inference.onnx_model import OnnxNetwork, is_onnx, load_model
 from geocmid.inference.outputs import check_outputs, check_resume, output_folder
 from geocmid.inference.runtable import run_table_path
 from geocmid.inference.spool import Threshold, check_threshold
 from geocmid.inference.thresholds import otsu_threshold
 from geocmid.inference.tiling import Blend
 from geocmid.io.cards import CHANGE_CLASSES, ClassInfo, ModelCard
-from geocmid.models.weights import ENCODER_NAME, load_encoder, sha256_file
+from geocmid.models.weights import ENCODER_NAME, RANDOM_PREFIX, load_encoder, sha256_file
 from geocmid.raster.bands import COMMON_NAMES
 from geocmid.raster.files import BandSelection
 from geocmid.raster.normalise import normalise_window
@@ -140,19 +140,22 @@ class ChangeModel:
         return cls(StackedPair(loaded.network).eval(), loaded.card, loaded.weights, False)
 
     @classmethod
-    def from_encoder(cls, encoder: PathLike, method: str = CHANGE_METHODS[0]) -> ChangeModel:
+    def from_encoder(
+        cls, encoder: PathLike, method: str = CHANGE_METHODS[0], in_chans: int | None = None
+    ) -> ChangeModel:
         """A label-free change model of an encoder (``encoder.pt``, run folder, ``random:NAME``).
 
         Args:
             encoder: the encoder; its card gives the bands and normalisation.
             method: the label-free method (default ``fusion``).
+            in_chans: the channels of a random encoder (``random:NAME``), e.g. from ``--bands``.
 
         Raises:
             InputError: an unknown method, no encoder or card, or weights that do not fit the
                 card.
         """
         method = check_method(method)
-        network, card = load_encoder(encoder)
+        network, card = load_encoder(encoder, in_chans=in_chans)
         path = Path(encoder)
         weights = path / ENCODER_NAME if path.is_dir() else path
         return cls(network.eval(), card, weights, True, method)
@@ -176,15 +179,30 @@ class ChangeModel:
     def sha256(self) -> str:
         """Hash of the weights, computed once however many pairs are processed."""
         if not self.weights.is_file():  # a random encoder (``random:NAME``)
-            return ''
+            return 'none (random initialisation)'
         return sha256_file(self.weights)
 
     def loader(self) -> Callable[[], ChangeModel]:
         """Loads this model again from its files (in a worker process)."""
         if self.label_free:
-            return partial(ChangeModel.from_encoder, self.weights, self.method or 'fusion')
-        source = self.weights if is_onnx(self.weights) else self.weights.parent
-        return partial(ChangeModel.load, source)
+            return partial(
+                ChangeModel.from_encoder, self.weights, self.method or 'fusion', self.card.in_chans
+            )
+        if is_onnx(self.weights):  # its card may come from --bands: ship it
+            return partial(_onnx_change, self.weights, self.card)
+        return partial(ChangeModel.load, self.weights.parent)
+
+
+def _onnx_change(path: Path, card: ModelCard) -> ChangeModel:
+    """An exported change model with the card it was first loaded with."""
+    return ChangeModel(StackedPair(OnnxNetwork(path)).eval(), card, path, False)
+
+
+def random_channels(encoder: PathLike | None, bands: BandSelection | None) -> int | None:
+    """The channels of a random encoder (``random:NAME``): as many as ``bands`` selects."""
+    if encoder is None or bands is None or not os.fspath(encoder).startswith(RANDOM_PREFIX):
+        return None
+    return len(list(bands))
 
 
 def change_model(
@@ -192,6 +210,7 @@ def change_model(
     *,
     encoder: PathLike | None = None,
     method: str | None = None,
+    in_chans: int | None = None,
 ) -> ChangeModel:
     """A trained change model (a run folder) or a label-free one (an encoder): exactly one.
 
@@ -199,6 +218,7 @@ def change_model(
         model: a run folder of ``geocmid train change`` or its ``.onnx`` export.
         encoder: an encoder for label-free change.
         method: the label-free method (default ``fusion``); only with ``encoder``.
+        in_chans: the channels of a random encoder (``random:NAME``).
 
     Raises:
         InputError: neither or both given, a method with a trained model, an unknown method,
@@ -212,7 +232,7 @@ def change_model(
     if model is not None:
         return ChangeModel.load(model)
     assert encoder is not None  # exactly one is given
-    return ChangeModel.from_encoder(encoder, method or CHANGE_METHODS[0])
+    return ChangeModel.from_encoder(encoder, method or CHANGE_METHODS[0], in_chans)
 
 
 class PairSource:
@@ -600,7 +620,12 @@ def detect_changes(
     check_resume(overwrite, skip_existing)
     several = worker_devices(devices, device) if devices != 1 else []
     records = pair_records(pairs)
-    loaded = model if isinstance(model, ChangeModel) else change_model(model, encoder=encoder)
+    if isinstance(model, ChangeModel):
+        loaded = model
+    else:
+        loaded = change_model(
+            model, encoder=encoder, in_chans=random_channels(encoder, settings.get('bands'))
+        )
     folder = None if out_dir is None else output_folder(out_dir)
     if folder is None and (raster or probabilities):
         raise InputError('--raster', 'writing rasters needs an output folder (out_dir)')

@@ -40,7 +40,7 @@ from geocmid.inference.dense import (
 from geocmid.inference.devices import worker_devices
 from geocmid.inference.jobs import ErrorHandler, SkipHandler
 from geocmid.inference.manifest import read_manifest, take_shard
-from geocmid.inference.onnx_model import is_onnx, load_model
+from geocmid.inference.onnx_model import OnnxNetwork, is_onnx, load_model
 from geocmid.inference.outputs import check_outputs, check_resume, output_folder, unique_names
 from geocmid.inference.runtable import run_table_path
 from geocmid.inference.tiling import Blend
@@ -114,8 +114,15 @@ class SegmentationModel:
         return sha256_file(self.weights)
 
     def loader(self) -> Callable[[], SegmentationModel]:
-        """Loads this model again from its run folder (in a worker process)."""
+        """Loads this model again from its run folder or ONNX file (in a worker process)."""
+        if is_onnx(self.weights):  # its card may come from --bands and --classes: ship it
+            return partial(_onnx_segmentation, self.weights, self.card)
         return partial(SegmentationModel.load, self.run_dir)
+
+
+def _onnx_segmentation(path: Path, card: ModelCard) -> SegmentationModel:
+    """An exported segmentation model with the card it was first loaded with."""
+    return SegmentationModel(OnnxNetwork(path).eval(), card, path)
 
 
 @dataclass(frozen=True)
