@@ -326,6 +326,7 @@ def remote_output[F: Callable[..., Any]](param: str = 'output') -> Callable[[F],
                 kwargs[param] = local
                 return command(*args, **kwargs)
 
+        # functools.wraps types the wrapper as _Wrapped; it keeps the command's signature.
         return wrapper  # type: ignore[return-value]
 
     return decorate

@@ -256,7 +256,8 @@ def test_tiny_swin_step(rasters: Path) -> None:
 
 def test_data_module_normalises_and_zeroes_nodata(rasters: Path) -> None:
     data = data_module(rasters)
-    assert data.band_names == ['band_1', 'band_2', 'band_3', 'band_4']
+    # GDAL's colour interpretation names the first three bands (GTiff writes RGB by default)
+    assert data.band_names == ['red', 'green', 'blue', 'band_4']
     assert data.max_value == 255.0
     assert data.resolution == 1.0
     image = torch.full((1, 4, 2, 2), 100.0)

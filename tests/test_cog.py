@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -294,9 +293,9 @@ def test_atomic_output_refuses_existing_and_unwritable(
     with pytest.raises(InputError, match='does not exist'):
         with atomic_output(tmp_path / 'missing' / 'out.txt'):
             pass
-    monkeypatch.setattr(os, 'access', lambda *args: False)
-    with pytest.raises(InputError, match='is not writable'):
-        with atomic_output(tmp_path / 'other.txt'):
+    (tmp_path / 'plain').write_text('a file, not a folder')
+    with pytest.raises(InputError, match='plain is a file, not a folder'):
+        with atomic_output(tmp_path / 'plain' / 'other.txt'):
             pass
 
 

@@ -101,6 +101,7 @@ def run_jobs[J, R](
 
     def finish(name: str, outcome: Outcome[R]) -> None:
         if outcome.error is None:
+            # Without an error the result is set (R itself may include None, so no assert).
             results[name] = outcome.result  # type: ignore[assignment]
             if table is not None:
                 table.done(name, outcome.seconds, outcome.worker)

@@ -25,7 +25,7 @@ from geocmid.errors import InputError
 type TTA = Literal['none', 'flips', 'd4']
 
 #: The test-time augmentation modes.
-TTA_MODES: tuple[str, ...] = ('none', 'flips', 'd4')
+TTA_MODES: tuple[TTA, ...] = ('none', 'flips', 'd4')
 
 #: Each mode's transforms: (quarter turns counter-clockwise, horizontal flip first).
 _TRANSFORMS: dict[str, tuple[tuple[int, bool], ...]] = {
@@ -44,7 +44,7 @@ def check_tta(mode: str) -> TTA:
     """
     if mode not in TTA_MODES:
         raise InputError('--tta', f'must be one of {", ".join(TTA_MODES)}, not {mode!r}')
-    return mode  # type: ignore[return-value]
+    return mode
 
 
 def _apply(x: Tensor, turns: int, flip: bool) -> Tensor:
@@ -98,6 +98,7 @@ def with_tta(network: nn.Module, mode: str) -> nn.Module:
     Raises:
         InputError: an unknown mode.
     """
-    if check_tta(mode) == 'none':
+    checked = check_tta(mode)
+    if checked == 'none':
         return network
-    return TestTimeAugmentation(network, mode)  # type: ignore[arg-type]
+    return TestTimeAugmentation(network, checked)

@@ -43,7 +43,7 @@ def s3_output(path: str | os.PathLike[str]) -> S3Output | None:
 
 def s3_client() -> Any:
     """A boto3 S3 client on GDAL's endpoint (``AWS_S3_ENDPOINT``), if one is set."""
-    import boto3  # type: ignore[import-untyped]
+    import boto3
 
     endpoint = os.environ.get('AWS_S3_ENDPOINT')
     url = None
@@ -61,7 +61,7 @@ def check_s3_output(output: S3Output, overwrite: bool, client: Any | None = None
     Raises:
         InputError: naming the output.
     """
-    from botocore.exceptions import (  # type: ignore[import-untyped]
+    from botocore.exceptions import (
         BotoCoreError,
         ClientError,
     )

@@ -289,7 +289,7 @@ def _check_against_torch(model: Exportable, content: bytes, fixed: bool) -> None
 def _float16_converter(output: PathLike) -> Any:
     """``onnxconverter_common.float16``, or an InputError saying how to install it."""
     try:
-        from onnxconverter_common import float16  # type: ignore[import-untyped]
+        from onnxconverter_common import float16
     except ImportError:
         problem = '--fp16 needs the onnxconverter-common package (pip install onnxconverter-common)'
         raise InputError(output, problem) from None

@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning
 from lightning.pytorch.utilities import rank_zero_only
+from torchgeo.tasks import BaseTask
 
 from geocmid.errors import InputError
 from geocmid.io.cards import CARD_NAME, ModelCard, read_card, write_card
@@ -166,7 +167,7 @@ class FineTune[C, D: lightning.LightningDataModule](ABC):
     @abstractmethod
     def task(
         self, config: C, encoder: EncoderInit, weights: dict[str, Any] | None, data: D
-    ) -> lightning.LightningModule:
+    ) -> BaseTask:
         """The Lightning task to train, its encoder starting from ``weights``."""
 
     @abstractmethod
@@ -242,7 +243,7 @@ def run_finetune[C, D: lightning.LightningDataModule](
     if not validate:
         # TorchGeo's ReduceLROnPlateau watches `val_loss`, which is never logged without a
         # validation split; watch the training loss instead.
-        task.monitor = 'train_loss'  # type: ignore[assignment]
+        task.monitor = 'train_loss'
     fit(trainer, task, datamodule=data, ckpt_path=resume_from)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if validate:

@@ -33,6 +33,7 @@ from geocmid.inference.runtable import RunTable
 from geocmid.inference.tiling import window_starts
 from geocmid.io.atomic import atomic_output, check_writable
 from geocmid.io.cards import ModelCard
+from geocmid.progress import progress_bar
 from geocmid.raster.files import ValidityRule, crs_name, find_rasters, raster_band_stats
 from geocmid.raster.scene import SceneReader, open_scene
 from geocmid.raster.stats import BandStats
@@ -140,13 +141,13 @@ def embed(
         log = Path(output).with_name(f'{Path(output).stem}.run.parquet')
         table = RunTable(log, {name: [name] for name in jobs}, {name: [output] for name in jobs})
     with placement(client, workers=workers, device=str(device), inputs=len(files)) as where:
-        if where.client is None:  # the encoder loaded here runs here
-            runner = partial(_file_embedder, lambda: model, embed_file)
-        else:  # each worker loads it once
+        if where.client is None:  # the encoder loaded here runs here, a bar over each's windows
+            here = partial(embed_file, progress=progress)
+            runner = partial(_file_embedder, lambda: model, here)
+        else:  # each worker loads it once; a bar over the rasters
             runner = partial(_file_embedder, partial(seeded_encoder, encoder, bands), embed_file)
-        parts = run_jobs(
-            jobs, runner, placement=where, progress=progress, unit='raster', table=table
-        )
+        outer = progress and where.client is not None
+        parts = run_jobs(jobs, runner, placement=where, progress=outer, unit='raster', table=table)
     rows = [row for part, _ in parts.values() for row in part]
     footprints = [footprint for _, part in parts.values() for footprint in part]
     frame = gpd.GeoDataFrame(
@@ -178,13 +179,18 @@ def _embed_file(
     tile: int,
     stride: int,
     batch_size: int,
+    progress: bool = False,
 ) -> tuple[list[dict[str, object]], list[shapely.Polygon]]:
-    """The rows and footprints of every window of one raster with a valid pixel."""
+    """The rows and footprints of every window of one raster with a valid pixel.
+
+    With ``progress``, a bar counts the raster's windows (the real count, whatever its size).
+    """
     rows: list[dict[str, object]] = []
     footprints: list[shapely.Polygon] = []
     with SceneReader(path, bands=indexes, mean=mean, std=std) as reader:
         windows = grid_windows(reader.height, reader.width, tile, stride)
-        for window, fraction, vector in _embed_windows(model, reader, windows, batch_size):
+        shown = progress_bar(windows, desc=path.name, unit='window', disable=not progress)
+        for window, fraction, vector in _embed_windows(model, reader, shown, batch_size):
             rows.append(
                 {
                     'source': str(path),
