@@ -8,7 +8,8 @@ plain timm state dict, ``encoder.pt``), a builder loads them strictly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -45,17 +46,10 @@ def segmentation_network(
     Returns:
         A network mapping ``(B, C, H, W)`` images to logits ``(B, K, H, W)``.
     """
-    network = smp.create_model(
-        decoder,
-        encoder_name=f'tu-{backbone}',
-        encoder_weights=None,  # geocmid never downloads weights at run time
-        in_channels=in_channels,
-        classes=num_classes,
-        **dict(backbone_kwargs or {}),
-    )
-    if weights is not None:
-        load_timm_state_dict(network.get_submodule('encoder'), weights)
-    return network
+    return _smp_network(
+        partial(smp.create_model, decoder), backbone, in_channels, num_classes,
+        backbone_kwargs, weights,
+    )  # fmt: skip
 
 
 def change_network(
@@ -80,11 +74,25 @@ def change_network(
     Raises:
         KeyError: An unknown ``decoder``.
     """
-    network = CHANGE_ARCHITECTURES[decoder](
+    return _smp_network(
+        CHANGE_ARCHITECTURES[decoder], backbone, in_channels, 1, backbone_kwargs, weights
+    )
+
+
+def _smp_network(
+    architecture: Callable[..., nn.Module],
+    backbone: str,
+    in_channels: int,
+    classes: int,
+    backbone_kwargs: Mapping[str, Any] | None,
+    weights: Mapping[str, Tensor] | None,
+) -> nn.Module:
+    """An smp-style network over the timm encoder ``tu-<backbone>``, its weights loaded."""
+    network = architecture(
         encoder_name=f'tu-{backbone}',
         encoder_weights=None,  # geocmid never downloads weights at run time
         in_channels=in_channels,
-        classes=1,
+        classes=classes,
         **dict(backbone_kwargs or {}),
     )
     if weights is not None:
