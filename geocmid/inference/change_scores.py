@@ -312,7 +312,7 @@ def fit_scores(
                 fit,
                 windows,
                 lambda x: [_smooth(v) for v in scorer.components(x).values()],
-                names=list(scorer.components(torch.from_numpy(windows[0][0])[None])),
+                names=['irmad', 'features'],  # the order components() gives them for fusion
             )
     return fit
 
